@@ -1,0 +1,1 @@
+"""ImgCap-HF: CNN + LSTM image captioners (with and without soft attention) native to Hugging Face."""

@@ -1,0 +1,136 @@
+"""ImgCap model configuration.
+
+Shipped to Hub users as remote code: imports only transformers (and huggingface_hub, which it depends on).
+"""
+
+from typing import ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+
+@strict
+class ImgCapConfig(PreTrainedConfig):
+    r"""
+    Configuration of an ImgCap captioner: a vision backbone (any transformers vision model) followed by an LSTM
+    decoder, with or without soft attention over the backbone's grid of image regions.
+
+    The defaults reproduce the published ImgCap sizes: a ResNet-50 encoder (frozen, 7x7x2048 region grid), a 2-layer
+    LSTM with hidden and embedding size 1024, dropout 0.5, and a 4,096-word vocabulary.
+
+    Args:
+        vision_config (`PreTrainedConfig` or `dict`, *optional*):
+            Configuration of the image encoder. Any transformers vision model whose base model returns a 4-D feature
+            map (ResNet, ConvNeXt, ...) or a sequence of patch tokens (ViT, DeiT, ...). Defaults to `ResNetConfig()`,
+            the ResNet-50 architecture. A dict with another `model_type` (e.g. `{"model_type": "vit"}`) resolves to
+            that model's config.
+        decoder_type (`str`, *optional*, defaults to `"attention"`):
+            `"attention"`: soft (Bahdanau) attention over the region grid at every step, its context concatenated with
+            the word embedding (Show, Attend and Tell). `"lstm"`: the pooled image feature is projected and fed as the
+            first LSTM step (Show and Tell).
+        vocab_size (`int`, *optional*, defaults to 4096):
+            Number of tokens of the word vocabulary (must match the tokenizer).
+        embedding_size (`int`, *optional*, defaults to 1024):
+            Size of the word embeddings.
+        hidden_size (`int`, *optional*, defaults to 1024):
+            Size of the LSTM hidden state.
+        num_hidden_layers (`int`, *optional*, defaults to 2):
+            Number of stacked LSTM layers.
+        dropout (`float`, *optional*, defaults to 0.5):
+            Dropout between LSTM layers, after the top layer and in the image head.
+        attention_size (`int`, *optional*, defaults to 1024):
+            Size of the additive attention's hidden layer (`"attention"` decoder only).
+        image_head_size (`int`, *optional*, defaults to 1024):
+            Width of the two-layer image head that maps the pooled feature to the first LSTM input (`"lstm"` decoder
+            only).
+        region_grid_size (`int`, *optional*, defaults to 7):
+            A 4-D feature map is adaptive-average-pooled to `region_grid_size x region_grid_size` regions. Patch-token
+            backbones keep their own patch grid.
+        use_region_positions (`bool`, *optional*, defaults to `False`):
+            Add a learned position embedding to every region feature. The pooled grid carries no position information
+            of its own, so captions that say "left" or "right" need this. Off in the published configuration.
+        freeze_encoder (`bool`, *optional*, defaults to `True`):
+            Keep the image encoder's weights fixed: it runs without gradients and with its BatchNorm in eval mode.
+        teacher_forcing_ratio (`float`, *optional*, defaults to 1.0):
+            Probability, per step and caption, of feeding the ground-truth previous word during training; otherwise
+            the model's own previous prediction is fed (scheduled sampling). The published recipe used 0.9.
+        unk_token_id, pad_token_id, bos_token_id, eos_token_id, decoder_start_token_id (`int`, *optional*):
+            Special token ids, defaulting to the tokenizer's layout `<unk>`=0, `<pad>`=1, `<sos>`=2, `<eos>`=3. Decoding
+            starts from `<sos>`.
+
+    Example:
+
+    ```python
+    >>> from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
+    >>> config = ImgCapConfig(decoder_type="lstm")  # ResNet-50 + 2x1024 LSTM, as published
+    >>> model = ImgCapForConditionalGeneration(config)
+    >>> tiny = ImgCapConfig(
+    ...     vision_config={"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 24, 32]},
+    ...     hidden_size=32, embedding_size=16, attention_size=16, vocab_size=64,
+    ... )
+    ```
+    """
+
+    model_type = "imgcap"
+    decoder_types: ClassVar[tuple[str, ...]] = ("attention", "lstm")
+    sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet")}
+
+    vision_config: PreTrainedConfig | dict | None = None
+    decoder_type: str = "attention"
+    vocab_size: int = 4096
+    embedding_size: int = 1024
+    hidden_size: int = 1024
+    num_hidden_layers: int = 2
+    dropout: float = 0.5
+    attention_size: int = 1024
+    image_head_size: int = 1024
+    region_grid_size: int = 7
+    use_region_positions: bool = False
+    freeze_encoder: bool = True
+    teacher_forcing_ratio: float = 1.0
+    unk_token_id: int = 0
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 3
+    decoder_start_token_id: int = 2
+    is_encoder_decoder: bool = True
+
+    def validate_decoder_type(self):
+        """Reject an unknown decoder before any weights are built from it."""
+        if self.decoder_type not in self.decoder_types:
+            raise ValueError(f"decoder_type must be one of {self.decoder_types}, got {self.decoder_type!r}")
+
+    def validate_sizes(self):
+        """Positive sizes and probabilities in range: a typo here would otherwise surface as a shape error."""
+        sizes = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "attention_size", "image_head_size")
+        for name in (*sizes, "region_grid_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.teacher_forcing_ratio <= 1.0:
+            raise ValueError(f"teacher_forcing_ratio must be in [0, 1], got {self.teacher_forcing_ratio}")
+        special_ids = (self.unk_token_id, self.pad_token_id, self.bos_token_id, self.eos_token_id)
+        if any(not 0 <= token_id < self.vocab_size for token_id in special_ids):
+            raise ValueError(f"special token ids {special_ids} must lie inside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def vision_feature_size(self) -> int:
+        """Channels of one image region as the backbone outputs them (2048 for ResNet-50)."""
+        hidden_sizes = getattr(self.vision_config, "hidden_sizes", None)
+        if hidden_sizes:
+            return int(hidden_sizes[-1])
+        return int(self.vision_config.hidden_size)
+
+    @property
+    def num_regions(self) -> int:
+        """Number of image regions the decoder attends over (49 for the default 7x7 grid)."""
+        patch_size = getattr(self.vision_config, "patch_size", None)
+        if patch_size is not None and getattr(self.vision_config, "hidden_sizes", None) is None:
+            image_size = self.vision_config.image_size
+            return (image_size // patch_size) ** 2
+        return self.region_grid_size**2
+
+
+__all__ = ["ImgCapConfig"]

@@ -1,0 +1,454 @@
+"""ImgCap captioning models: a vision backbone followed by an LSTM decoder, with or without soft attention.
+
+Shipped to Hub users as remote code: imports only torch, transformers and the sibling configuration file.
+
+Reading order: the decoder state and output containers, the vision encoder (backbone -> grid of regions), the additive
+attention, the two decoders (Show-Attend-Tell and Show-and-Tell), then `ImgCapForConditionalGeneration`, which wires
+them into transformers' `generate()` through the encoder-decoder route: the image is encoded once, and the LSTM state
+travels between steps as the `cache`.
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.utils import ModelOutput
+
+from .configuration_imgcap import ImgCapConfig
+
+
+class ImgCapDecoderState:
+    """The recurrent state carried between decoding steps; `generate()` passes it around as the model's `cache`.
+
+    Besides the LSTM's hidden and cell states it keeps the image-only terms (the region features and, for the attention
+    decoder, their attention projection), so they are computed once per image rather than once per generated word.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+        regions: torch.Tensor | None = None,
+        attention_keys: torch.Tensor | None = None,
+    ):
+        self.hidden = hidden  # (num_layers, batch, hidden_size)
+        self.cell = cell  # (num_layers, batch, hidden_size)
+        self.regions = regions  # (batch, regions, feature_size)
+        self.attention_keys = attention_keys  # (batch, regions, attention_size)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Follow beam search's choice of surviving beams.
+
+        Only the LSTM state differs between beams. Beam search never moves a beam to another image, and all beams of
+        one image share the same image terms, so `regions` and `attention_keys` need no reordering (a copy of them per
+        step would cost as much as the LSTM step itself on CPU).
+        """
+        self.hidden = self.hidden.index_select(1, beam_idx)
+        self.cell = self.cell.index_select(1, beam_idx)
+
+
+@dataclass
+class ImgCapOutput(ModelOutput):
+    """Output of `ImgCapForConditionalGeneration.forward`.
+
+    Args:
+        loss: mean cross-entropy over the label positions that are not -100 (when `labels` are given).
+        logits: `(batch, steps, vocab_size)` next-word scores.
+        cache: the `ImgCapDecoderState` after the last step, to continue decoding from (when `use_cache`).
+        cross_attentions: attention decoder with `output_attentions=True`: a one-element tuple (one attention layer)
+            holding `(batch, 1, steps, regions)` weights over the image regions; each step's weights sum to 1.
+        decoder_hidden_states: with `output_hidden_states=True`: a one-element tuple with the top LSTM layer's
+            `(batch, steps, hidden_size)` outputs.
+        encoder_last_hidden_state: `(batch, regions, feature_size)` region features of the image.
+        decoder_attentions: always `None` (an LSTM has no self-attention); present because `generate()` reads it.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: ImgCapDecoderState | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def _backbone_init_kwargs(vision_config) -> dict:
+    """ViT-style models add a pooling head we never use (its weights would get no gradient): ask them not to."""
+    model_class = MODEL_MAPPING.get(type(vision_config), None)
+    if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        return {"add_pooling_layer": False}
+    return {}
+
+
+class ImgCapVisionEncoder(nn.Module):
+    """Runs the vision backbone and returns its output as a sequence of region features.
+
+    A 4-D feature map (ResNet, ConvNeXt) is adaptive-average-pooled to a `region_grid_size` square grid; a patch-token
+    backbone (ViT) keeps its patch tokens and drops the class/distillation tokens in front of them.
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: ImgCapConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = AutoModel.from_config(config.vision_config, **_backbone_init_kwargs(config.vision_config))
+
+    def forward(self, pixel_values: torch.FloatTensor, return_dict: bool = True, **kwargs) -> BaseModelOutput:
+        # A frozen backbone needs no autograd graph: that saves its activations' memory during training.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            features = self.backbone(pixel_values=pixel_values).last_hidden_state
+        if features.dim() == 4:  # (batch, channels, height, width)
+            grid = self.config.region_grid_size
+            features = F.adaptive_avg_pool2d(features, (grid, grid))
+            regions = features.flatten(2).transpose(1, 2)  # (batch, grid * grid, channels)
+        else:  # (batch, special + patches, hidden)
+            regions = features[:, -self.config.num_regions :]  # (batch, patches, hidden)
+        return BaseModelOutput(last_hidden_state=regions)
+
+
+class ImgCapAttention(nn.Module):
+    """Additive (Bahdanau) attention over image regions: score_i = w^T tanh(W_r r_i + W_h h).
+
+    This equals the published `Linear(concat(r_i, h))` with the same number of weights, split so that the region half
+    `W_r r_i` (the expensive one) is computed once per image by `project_regions`.
+    """
+
+    def __init__(self, config: ImgCapConfig):
+        super().__init__()
+        self.region_projection = nn.Linear(config.vision_feature_size, config.attention_size)
+        self.hidden_projection = nn.Linear(config.hidden_size, config.attention_size, bias=False)
+        self.score = nn.Linear(config.attention_size, 1)
+
+    def project_regions(self, regions: torch.Tensor) -> torch.Tensor:
+        return self.region_projection(regions)  # (batch, regions, attention_size)
+
+    def forward(
+        self, attention_keys: torch.Tensor, regions: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        query = self.hidden_projection(hidden).unsqueeze(1)  # (batch, 1, attention_size)
+        scores = self.score(torch.tanh(attention_keys + query)).squeeze(-1)  # (batch, regions)
+        weights = scores.softmax(dim=-1)  # (batch, regions)
+        context = torch.bmm(weights.unsqueeze(1), regions).squeeze(1)  # (batch, feature_size)
+        return context, weights
+
+
+class ImgCapAttentionDecoder(nn.Module):
+    """Show-Attend-Tell decoder: at every step, attend over the regions with the top layer's previous hidden state
+    and feed `[word embedding; context]` to a stack of LSTM cells that starts from zeros."""
+
+    def __init__(self, config: ImgCapConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.attention = ImgCapAttention(config)
+        input_sizes = [config.embedding_size + config.vision_feature_size]
+        input_sizes += [config.hidden_size] * (config.num_hidden_layers - 1)
+        self.cells = nn.ModuleList(nn.LSTMCell(size, config.hidden_size) for size in input_sizes)
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def initial_state(self, regions: torch.Tensor) -> ImgCapDecoderState:
+        batch_size = regions.shape[0]
+        zeros = regions.new_zeros(self.config.num_hidden_layers, batch_size, self.config.hidden_size)
+        return ImgCapDecoderState(zeros, zeros, regions, self.attention.project_regions(regions))
+
+    def step(
+        self, token_ids: torch.LongTensor, state: ImgCapDecoderState
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ImgCapDecoderState]:
+        """One word: returns logits `(batch, vocab)`, attention weights `(batch, regions)`, the top hidden state."""
+        context, weights = self.attention(state.attention_keys, state.regions, state.hidden[-1])
+        layer_input = torch.cat([self.embedding(token_ids), context], dim=-1)  # (batch, embedding + feature)
+        hiddens, cells = [], []
+        for layer, cell in enumerate(self.cells):
+            hidden, cell_state = cell(layer_input, (state.hidden[layer], state.cell[layer]))
+            hiddens.append(hidden)
+            cells.append(cell_state)
+            layer_input = self.dropout(hidden)  # between layers, and before the output layer
+        logits = self.output(layer_input)  # (batch, vocab)
+        new_state = ImgCapDecoderState(torch.stack(hiddens), torch.stack(cells), state.regions, state.attention_keys)
+        return logits, weights, hiddens[-1], new_state
+
+
+class ImgCapLSTMDecoder(nn.Module):
+    """Show-and-Tell decoder: the pooled image feature, through a two-layer head and a projection, is the LSTM's first
+    input; the words follow. Sizes follow the published ImgCap head (Linear-ReLU-Dropout-Linear-ReLU, then Linear)."""
+
+    def __init__(self, config: ImgCapConfig):
+        super().__init__()
+        self.config = config
+        self.image_head = nn.Sequential(
+            nn.Linear(config.vision_feature_size, config.image_head_size),
+            nn.ReLU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.image_head_size, config.image_head_size),
+            nn.ReLU(),
+        )
+        self.image_projection = nn.Linear(config.image_head_size, config.embedding_size)
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
+        self.lstm = nn.LSTM(
+            config.embedding_size,
+            config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            dropout=config.dropout if config.num_hidden_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def initial_state(self, regions: torch.Tensor) -> ImgCapDecoderState:
+        pooled = regions.mean(dim=1)  # (batch, feature_size): global average pool over the grid
+        image_input = self.image_projection(self.image_head(pooled)).unsqueeze(1)  # (batch, 1, embedding)
+        _, (hidden, cell) = self.lstm(image_input)  # each (num_layers, batch, hidden)
+        return ImgCapDecoderState(hidden, cell)
+
+    def run(
+        self, token_ids: torch.LongTensor, state: ImgCapDecoderState
+    ) -> tuple[torch.Tensor, torch.Tensor, ImgCapDecoderState]:
+        """Any number of words in one fused LSTM call: logits `(batch, steps, vocab)`, top hiddens, new state."""
+        embedded = self.embedding(token_ids)  # (batch, steps, embedding)
+        top_hidden, (hidden, cell) = self.lstm(embedded, (state.hidden, state.cell))  # (batch, steps, hidden)
+        logits = self.output(self.dropout(top_hidden))  # (batch, steps, vocab)
+        return logits, top_hidden, ImgCapDecoderState(hidden, cell)
+
+    def step(
+        self, token_ids: torch.LongTensor, state: ImgCapDecoderState
+    ) -> tuple[torch.Tensor, None, torch.Tensor, ImgCapDecoderState]:
+        logits, top_hidden, state = self.run(token_ids.unsqueeze(1), state)
+        return logits.squeeze(1), None, top_hidden.squeeze(1), state
+
+
+class ImgCapPreTrainedModel(PreTrainedModel):
+    config: ImgCapConfig
+    config_class = ImgCapConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["ImgCapAttentionDecoder", "ImgCapLSTMDecoder"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch's own defaults for the decoder layers, as the published model used.
+
+        The backbone is a `PreTrainedModel` of its own and is initialised by its own `_init_weights`; transformers
+        guards these calls so that weights loaded from a checkpoint are never overwritten.
+        """
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LSTM, nn.LSTMCell)):
+            module.reset_parameters()
+        elif isinstance(module, ImgCapForConditionalGeneration) and module.region_positions is not None:
+            nn.init.normal_(module.region_positions, std=0.02)
+
+
+class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
+    """Image captioner: vision backbone + LSTM decoder (`config.decoder_type` `"attention"` or `"lstm"`).
+
+    Example:
+
+    ```python
+    >>> from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
+    >>> model = ImgCapForConditionalGeneration.from_pretrained("outputs/shapes-attention")
+    >>> processor = ImgCapProcessor.from_pretrained("outputs/shapes-attention")
+    >>> inputs = processor(images=[image], return_tensors="pt")
+    >>> ids = model.generate(**inputs, num_beams=5, max_new_tokens=30)
+    >>> processor.batch_decode(ids, skip_special_tokens=True)
+    ```
+    """
+
+    def __init__(self, config: ImgCapConfig):
+        super().__init__(config)
+        self.encoder = ImgCapVisionEncoder(config)
+        if config.use_region_positions:
+            # (regions, feature_size): tells the attention where each region lies in the image.
+            self.region_positions = nn.Parameter(torch.zeros(config.num_regions, config.vision_feature_size))
+        else:
+            self.region_positions = None
+        if config.decoder_type == "attention":
+            self.decoder = ImgCapAttentionDecoder(config)
+        else:
+            self.decoder = ImgCapLSTMDecoder(config)
+        self.post_init()
+        self.freeze_encoder(config.freeze_encoder)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Encoder handling: freezing, pretrained backbones
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def get_encoder(self, modality: str | None = None) -> ImgCapVisionEncoder:
+        return self.encoder
+
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the backbone: no gradients, BatchNorm statistics fixed, recorded in the config."""
+        self.config.freeze_encoder = frozen
+        self.encoder.backbone.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.backbone.eval()  # a frozen backbone keeps its BatchNorm running statistics
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then re-apply `config.freeze_encoder`: loading re-creates the parameters
+        with `requires_grad=True`, which would silently unfreeze the backbone."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_encoder(model.config.freeze_encoder)
+        return loaded
+
+    @classmethod
+    def from_vision_pretrained(
+        cls, vision_model_name_or_path: str, vision_kwargs: dict | None = None, **config_kwargs
+    ) -> "ImgCapForConditionalGeneration":
+        """A new captioner whose backbone starts from pretrained vision weights and whose decoder is random.
+
+        `vision_model_name_or_path` is a Hub id (e.g. `"microsoft/resnet-50"`) or a local folder of any transformers
+        vision checkpoint (a classification checkpoint works: its base model is used). The weights are copied in after
+        `post_init`, so weight initialisation cannot overwrite them. `config_kwargs` set the `ImgCapConfig` fields.
+
+        ```python
+        >>> model = ImgCapForConditionalGeneration.from_vision_pretrained("microsoft/resnet-50", decoder_type="lstm")
+        ```
+        """
+        vision_kwargs = dict(vision_kwargs or {})
+        vision_config = AutoModel.from_pretrained(vision_model_name_or_path, **vision_kwargs).config
+        vision_model = AutoModel.from_pretrained(
+            vision_model_name_or_path, **vision_kwargs, **_backbone_init_kwargs(vision_config)
+        )
+        model = cls(ImgCapConfig(vision_config=vision_model.config, **config_kwargs))
+        model.encoder.backbone.load_state_dict(vision_model.state_dict())
+        return model
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.LongTensor) -> torch.LongTensor:
+        """`<sos>` followed by the labels without their last position; ignored (-100) positions become `<pad>`."""
+        decoder_input_ids = labels.new_full(labels.shape, self.config.pad_token_id)
+        decoder_input_ids[:, 1:] = labels[:, :-1]
+        decoder_input_ids[:, 0] = self.config.decoder_start_token_id
+        return decoder_input_ids.masked_fill(decoder_input_ids == -100, self.config.pad_token_id)
+
+    def _initial_state(self, regions: torch.Tensor) -> ImgCapDecoderState:
+        if self.region_positions is not None and self.config.decoder_type == "attention":
+            regions = regions + self.region_positions  # (batch, regions, feature_size)
+        return self.decoder.initial_state(regions)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: ImgCapDecoderState | None = None,
+        use_cache: bool | None = None,
+        teacher_forcing_ratio: float | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> ImgCapOutput | tuple:
+        r"""
+        Args:
+            pixel_values: `(batch, 3, height, width)` images, as `ImgCapImageProcessor` prepares them.
+            decoder_input_ids: `(batch, steps)` words fed to the decoder, starting with `<sos>`. Built from `labels`
+                when omitted.
+            labels: `(batch, steps)` the next word at every step; -100 marks positions to ignore.
+            encoder_outputs: region features from `get_encoder()` (or a feature cache) instead of `pixel_values`.
+            cache: decoder state from a previous call; the image is then not looked at again.
+            teacher_forcing_ratio: training only; probability of feeding the true previous word rather than the model's
+                own prediction (scheduled sampling). Defaults to `config.teacher_forcing_ratio`.
+            decoder_attention_mask: accepted for API compatibility and unused: padding sits at the end of a caption
+                and an LSTM never looks ahead, so it cannot influence the positions that count.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions = bool(output_attentions)
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("Pass `decoder_input_ids` or `labels` (the captions) to the forward pass.")
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        if teacher_forcing_ratio is None:
+            teacher_forcing_ratio = self.config.teacher_forcing_ratio
+
+        if cache is None:
+            if encoder_outputs is None:
+                if pixel_values is None:
+                    raise ValueError("Pass `pixel_values` or `encoder_outputs` (the image) to the forward pass.")
+                encoder_outputs = self.encoder(pixel_values)
+            regions = encoder_outputs[0]  # (batch, regions, feature_size)
+            state = self._initial_state(regions)
+        else:
+            regions = None
+            state = cache
+
+        scheduled_sampling = self.training and teacher_forcing_ratio < 1.0
+        if self.config.decoder_type == "lstm" and not scheduled_sampling:
+            # Every input word is known: one fused cuDNN/oneDNN LSTM call over the whole caption.
+            logits, top_hidden, state = self.decoder.run(decoder_input_ids, state)
+            attention_weights = None
+        else:
+            logits, attention_weights, top_hidden, state = self._decode_step_by_step(
+                decoder_input_ids, state, teacher_forcing_ratio if scheduled_sampling else 1.0
+            )
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+        output = ImgCapOutput(
+            loss=loss,
+            logits=logits,
+            cache=state if use_cache is not False else None,
+            cross_attentions=(attention_weights.unsqueeze(1),)
+            if output_attentions and attention_weights is not None
+            else None,
+            decoder_hidden_states=(top_hidden,) if output_hidden_states else None,
+            encoder_last_hidden_state=regions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _decode_step_by_step(
+        self, decoder_input_ids: torch.LongTensor, state: ImgCapDecoderState, teacher_forcing_ratio: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ImgCapDecoderState]:
+        """Run the decoder one word at a time (the attention decoder always; the LSTM decoder under scheduled
+        sampling). With `teacher_forcing_ratio < 1`, each caption's input at step t > 0 is, with probability
+        `1 - ratio`, the model's own greedy prediction from step t - 1 instead of the true word."""
+        batch_size, num_steps = decoder_input_ids.shape
+        if teacher_forcing_ratio < 1.0:
+            use_truth = torch.rand(batch_size, num_steps, device=decoder_input_ids.device) < teacher_forcing_ratio
+        step_logits, step_weights, step_hiddens = [], [], []
+        previous_prediction = None
+        for t in range(num_steps):
+            token_ids = decoder_input_ids[:, t]  # (batch,)
+            if previous_prediction is not None and teacher_forcing_ratio < 1.0:
+                token_ids = torch.where(use_truth[:, t], token_ids, previous_prediction)
+            logits, weights, top_hidden, state = self.decoder.step(token_ids, state)
+            previous_prediction = logits.detach().argmax(dim=-1)
+            step_logits.append(logits)
+            step_weights.append(weights)
+            step_hiddens.append(top_hidden)
+        logits = torch.stack(step_logits, dim=1)  # (batch, steps, vocab)
+        top_hidden = torch.stack(step_hiddens, dim=1)  # (batch, steps, hidden)
+        weights = torch.stack(step_weights, dim=1) if step_weights[0] is not None else None  # (batch, steps, regions)
+        return logits, weights, top_hidden, state
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Generation hooks
+    # ----------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """The LSTM state is not a key/value cache: generate() must not create a `DynamicCache` for it."""
+        return False
+
+
+__all__ = ["ImgCapForConditionalGeneration", "ImgCapPreTrainedModel", "ImgCapDecoderState", "ImgCapOutput"]
