@@ -56,8 +56,8 @@ class ImgCapConfig(PreTrainedConfig):
             Probability, per step and caption, of feeding the ground-truth previous word during training; otherwise
             the model's own previous prediction is fed (scheduled sampling). The published recipe used 0.9.
         unk_token_id, pad_token_id, bos_token_id, eos_token_id, decoder_start_token_id (`int`, *optional*):
-            Special token ids, defaulting to the tokenizer's layout `<unk>`=0, `<pad>`=1, `<sos>`=2, `<eos>`=3. Decoding
-            starts from `<sos>`.
+            Special token ids, defaulting to the tokenizer's layout `<unk>`=0, `<pad>`=1, `<sos>`=2, `<eos>`=3.
+            Decoding starts from `<sos>`.
 
     Example:
 
@@ -103,8 +103,8 @@ class ImgCapConfig(PreTrainedConfig):
 
     def validate_sizes(self):
         """Positive sizes and probabilities in range: a typo here would otherwise surface as a shape error."""
-        sizes = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "attention_size", "image_head_size")
-        for name in (*sizes, "region_grid_size"):
+        sizes = ("vocab_size", "embedding_size", "hidden_size", "num_hidden_layers", "attention_size")
+        for name in (*sizes, "image_head_size", "region_grid_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -113,7 +113,7 @@ class ImgCapConfig(PreTrainedConfig):
             raise ValueError(f"teacher_forcing_ratio must be in [0, 1], got {self.teacher_forcing_ratio}")
         special_ids = (self.unk_token_id, self.pad_token_id, self.bos_token_id, self.eos_token_id)
         if any(not 0 <= token_id < self.vocab_size for token_id in special_ids):
-            raise ValueError(f"special token ids {special_ids} must lie inside the vocabulary (size {self.vocab_size})")
+            raise ValueError(f"special token ids {special_ids} must lie inside the vocabulary of {self.vocab_size}")
 
     @property
     def vision_feature_size(self) -> int:
