@@ -1,0 +1,379 @@
+"""ImgCapConfig and ImgCapForConditionalGeneration on tiny random configs, both decoders."""
+
+import pytest
+import torch
+from transformers import AutoModel, ResNetConfig, ResNetModel
+
+from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
+
+VOCAB_SIZE = 40
+DECODER_TYPES = ["attention", "lstm"]
+TINY_RESNET = {"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 24, 32], "embedding_size": 8}
+
+
+def tiny_config(decoder_type: str, **overrides) -> ImgCapConfig:
+    settings = dict(
+        vision_config=dict(TINY_RESNET),
+        decoder_type=decoder_type,
+        vocab_size=VOCAB_SIZE,
+        embedding_size=16,
+        hidden_size=32,
+        attention_size=16,
+        image_head_size=24,
+        region_grid_size=2,
+        use_region_positions=True,
+        dropout=0.0,
+    )
+    settings.update(overrides)
+    return ImgCapConfig(**settings)
+
+
+def tiny_model(decoder_type: str, seed: int = 0, **overrides) -> ImgCapForConditionalGeneration:
+    torch.manual_seed(seed)
+    return ImgCapForConditionalGeneration(tiny_config(decoder_type, **overrides)).eval()
+
+
+def random_images(batch_size: int = 3, size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def random_labels(batch_size: int = 3, length: int = 7, seed: int = 2) -> torch.Tensor:
+    labels = torch.randint(4, VOCAB_SIZE, (batch_size, length), generator=torch.Generator().manual_seed(seed))
+    labels[:, -1] = 3  # <eos>
+    return labels
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_config_rejects_unknown_decoder_type():
+    with pytest.raises(Exception, match="decoder_type must be one of"):
+        ImgCapConfig(decoder_type="transformer")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("dropout", 1.0, "dropout"),
+        ("teacher_forcing_ratio", 1.5, "teacher_forcing_ratio"),
+        ("hidden_size", 0, "hidden_size"),
+    ],
+)
+def test_config_rejects_out_of_range_values(field, value, message):
+    with pytest.raises(Exception, match=message):
+        ImgCapConfig(**{field: value})
+
+
+def test_default_config_is_the_published_resnet50_design():
+    config = ImgCapConfig()
+    assert isinstance(config.vision_config, ResNetConfig)
+    assert list(config.vision_config.depths) == [3, 4, 6, 3]
+    assert (config.vision_feature_size, config.num_regions) == (2048, 49)
+    assert (config.hidden_size, config.embedding_size, config.num_hidden_layers) == (1024, 1024, 2)
+    assert (config.dropout, config.vocab_size, config.freeze_encoder) == (0.5, 4096, True)
+
+
+@pytest.mark.parametrize(
+    "decoder_type, trainable, frozen",
+    # The published figures: 29.38M trainable / 23.51M frozen (CNN + LSTM), 36.72M trainable (attention).
+    [("lstm", 29_383_680, 23_508_032), ("attention", 36_722_689, 23_508_032)],
+)
+def test_default_parameter_counts_match_the_published_model(decoder_type, trainable, frozen):
+    model = ImgCapForConditionalGeneration(ImgCapConfig(decoder_type=decoder_type))
+    counted_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counted_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    print(f"{decoder_type}: trainable {counted_trainable:,}, frozen {counted_frozen:,}")
+    assert (counted_trainable, counted_frozen) == (trainable, frozen)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Forward pass
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_forward_shapes_and_attention_weights(decoder_type):
+    model = tiny_model(decoder_type)
+    output = model(pixel_values=random_images(), labels=random_labels(), output_attentions=True)
+    assert output.logits.shape == (3, 7, VOCAB_SIZE)
+    assert output.encoder_last_hidden_state.shape == (3, 4, 32)  # 2x2 grid of 32-channel regions
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    if decoder_type == "attention":
+        (weights,) = output.cross_attentions
+        assert weights.shape == (3, 1, 7, 4)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(3, 1, 7))
+    else:
+        assert output.cross_attentions is None
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_loss_ignores_padding_positions(decoder_type):
+    model = tiny_model(decoder_type)
+    images, labels = random_images(), random_labels()
+    padded = labels.clone()
+    padded[:, 5:] = -100
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)
+    logits = model(pixel_values=images, decoder_input_ids=decoder_input_ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :5].reshape(-1, VOCAB_SIZE), labels[:, :5].reshape(-1))
+    loss = model(pixel_values=images, decoder_input_ids=decoder_input_ids, labels=padded).loss
+    torch.testing.assert_close(loss, expected)
+
+
+def test_decoder_inputs_from_labels_shift_right_and_replace_ignored_positions():
+    model = tiny_model("lstm")
+    labels = torch.tensor([[10, 11, 3, -100], [12, 3, -100, -100]])
+    expected = torch.tensor([[2, 10, 11, 3], [2, 12, 3, 1]])
+    assert torch.equal(model.prepare_decoder_input_ids_from_labels(labels), expected)
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_every_trainable_parameter_gets_a_gradient_and_the_frozen_encoder_none(decoder_type):
+    model = tiny_model(decoder_type, dropout=0.1).train()
+    model(pixel_values=random_images(), labels=random_labels()).loss.backward()
+    for name, parameter in model.named_parameters():
+        if name.startswith("encoder."):
+            assert not parameter.requires_grad and parameter.grad is None, name
+        elif decoder_type == "lstm" and name == "region_positions":
+            continue  # pooled away by the Show-and-Tell decoder; documented as attention-only
+        else:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_unfrozen_encoder_is_trained_and_frozen_batchnorm_stays_in_eval_mode():
+    model = tiny_model("attention", freeze_encoder=False).train()
+    assert model.encoder.backbone.training
+    model(pixel_values=random_images(), labels=random_labels()).loss.backward()
+    assert all(p.grad is not None for p in model.encoder.parameters())
+
+    frozen = tiny_model("attention").train()
+    assert frozen.training and not frozen.encoder.backbone.training
+    statistics = {k: v.clone() for k, v in frozen.encoder.state_dict().items() if "running" in k}
+    frozen(pixel_values=random_images(), labels=random_labels())
+    for key, value in frozen.encoder.state_dict().items():
+        if "running" in key:
+            assert torch.equal(value, statistics[key]), key
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_step_by_step_decoding_equals_the_teacher_forced_forward(decoder_type):
+    model = tiny_model(decoder_type)
+    images, labels = random_images(), random_labels()
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)
+    full = model(pixel_values=images, decoder_input_ids=decoder_input_ids, output_attentions=True)
+    cache, step_logits = None, []
+    encoder_outputs = model.get_encoder()(images)
+    for t in range(decoder_input_ids.shape[1]):
+        step = model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input_ids[:, t : t + 1], cache=cache)
+        cache = step.cache
+        step_logits.append(step.logits)
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_scheduled_sampling_feeds_back_the_models_own_predictions():
+    """With teacher forcing 0 (and no dropout) training forward must reproduce free-running greedy decoding."""
+    model = tiny_model("attention")
+    images = random_images()
+    greedy = model.generate(pixel_values=images, max_new_tokens=6, min_new_tokens=6, output_scores=True,
+                            return_dict_in_generate=True)  # fmt: skip
+    model.train()
+    arbitrary_inputs = torch.full((3, 6), 5)
+    arbitrary_inputs[:, 0] = 2
+    free_running = model(pixel_values=images, decoder_input_ids=arbitrary_inputs, teacher_forcing_ratio=0.0)
+    torch.testing.assert_close(free_running.logits.argmax(-1), greedy.sequences[:, 1:])
+    teacher_forced = model(pixel_values=images, decoder_input_ids=arbitrary_inputs, teacher_forcing_ratio=1.0)
+    assert not torch.equal(teacher_forced.logits, free_running.logits)
+
+
+def test_scheduled_sampling_mixes_truth_and_predictions_for_the_lstm_decoder():
+    model = tiny_model("lstm").train()
+    images, labels = random_images(), random_labels(length=12)
+    torch.manual_seed(0)
+    mixed = model(pixel_values=images, labels=labels, teacher_forcing_ratio=0.5).logits
+    forced = model(pixel_values=images, labels=labels, teacher_forcing_ratio=1.0).logits
+    own = model(pixel_values=images, labels=labels, teacher_forcing_ratio=0.0).logits
+    torch.testing.assert_close(mixed[:, 0], forced[:, 0])  # the first input is always <sos>
+    assert not torch.allclose(mixed, forced) and not torch.allclose(mixed, own)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_generation_equals_one_image_at_a_time(decoder_type, num_beams):
+    model = tiny_model(decoder_type)
+    images = random_images(batch_size=4)
+    batched = model.generate(pixel_values=images, num_beams=num_beams, max_new_tokens=8)
+    for index in range(4):
+        single = model.generate(pixel_values=images[index : index + 1], num_beams=num_beams, max_new_tokens=8)
+        length = single.shape[1]
+        assert torch.equal(batched[index, :length], single[0])
+        assert (batched[index, length:] == model.config.pad_token_id).all()
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_one_beam_equals_greedy_and_greedy_follows_the_argmax(decoder_type):
+    model = tiny_model(decoder_type)
+    images = random_images()
+    greedy = model.generate(pixel_values=images, max_new_tokens=8, return_dict_in_generate=True, output_scores=True)
+    one_beam = model.generate(pixel_values=images, max_new_tokens=8, num_beams=1)
+    assert torch.equal(greedy.sequences, one_beam)
+    assert greedy.sequences[:, 0].eq(model.config.decoder_start_token_id).all()
+    # Feeding the generated caption back teacher-forced gives the same argmax at every step.
+    logits = model(pixel_values=images, decoder_input_ids=greedy.sequences[:, :-1]).logits
+    steps = len(greedy.scores)
+    assert torch.equal(logits[:, :steps].argmax(-1), greedy.sequences[:, 1 : steps + 1])
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_beam_search_options_and_sorted_scores(decoder_type):
+    model = tiny_model(decoder_type)
+    output = model.generate(
+        pixel_values=random_images(),
+        num_beams=4,
+        num_return_sequences=3,
+        length_penalty=0.7,
+        no_repeat_ngram_size=2,
+        max_new_tokens=10,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    assert output.sequences.shape[0] == 9
+    scores = output.sequences_scores.view(3, 3)
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    for sequence in output.sequences.tolist():
+        while sequence[-1] == model.config.pad_token_id:
+            sequence.pop()
+        bigrams = list(zip(sequence, sequence[1:]))
+        assert len(bigrams) == len(set(bigrams)), sequence
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_beam_scores_are_the_models_log_likelihood_of_the_returned_captions(decoder_type):
+    """Recompute every returned beam's score teacher-forced: this catches a wrongly reordered decoder state."""
+    model = tiny_model(decoder_type)
+    images = random_images()
+    output = model.generate(
+        pixel_values=images, num_beams=4, num_return_sequences=2, length_penalty=0.0, max_new_tokens=8,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    sequences = output.sequences
+    logits = model(pixel_values=images.repeat_interleave(2, dim=0), decoder_input_ids=sequences[:, :-1]).logits
+    token_logprobs = logits.log_softmax(-1).gather(2, sequences[:, 1:, None]).squeeze(2)  # (beams, steps)
+    ended = (sequences[:, 1:] == model.config.eos_token_id).int()
+    after_eos = (ended.cumsum(1) - ended) > 0  # positions after the first <eos> hold padding
+    expected = token_logprobs.masked_fill(after_eos, 0.0).sum(1)
+    torch.testing.assert_close(output.sequences_scores, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_varied():
+    model = tiny_model("attention")
+    images = random_images()
+    torch.manual_seed(3)
+    first = model.generate(pixel_values=images, do_sample=True, temperature=2.0, max_new_tokens=8)
+    torch.manual_seed(3)
+    second = model.generate(pixel_values=images, do_sample=True, temperature=2.0, max_new_tokens=8)
+    assert torch.equal(first, second)
+    greedy = model.generate(pixel_values=images, max_new_tokens=8)
+    assert not torch.equal(first, greedy)
+
+
+def test_generate_returns_one_attention_map_per_generated_word():
+    model = tiny_model("attention")
+    output = model.generate(
+        pixel_values=random_images(), max_new_tokens=5, min_new_tokens=5, output_attentions=True,
+        return_dict_in_generate=True,
+    )  # fmt: skip
+    assert len(output.cross_attentions) == output.sequences.shape[1] - 1
+    for (step_weights,) in output.cross_attentions:
+        assert step_weights.shape == (3, 1, 1, 4)
+        torch.testing.assert_close(step_weights.sum(-1), torch.ones(3, 1, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Backbones and pretrained vision weights
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "vision_config, regions, feature_size",
+    [
+        ({"model_type": "convnext", "depths": [1, 1], "hidden_sizes": [8, 16], "num_stages": 2}, 4, 16),
+        (
+            {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 16, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 32},
+            16,
+            16,
+        ),
+    ],
+    ids=["convnext", "vit"],
+)  # fmt: skip
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_pluggable_backbones(vision_config, regions, feature_size, decoder_type):
+    model = tiny_model(decoder_type, vision_config=vision_config, freeze_encoder=False)
+    assert model.config.num_regions == regions
+    output = model(pixel_values=random_images(), labels=random_labels())
+    assert output.encoder_last_hidden_state.shape == (3, regions, feature_size)
+    output.loss.backward()
+    # No ViT pooler that would never be trained. ConvNeXt's final LayerNorm only normalises its pooled vector, which
+    # a region grid does not use; it stays in the backbone so that pretrained ConvNeXt checkpoints load unchanged.
+    allowed_unused = {"region_positions", "encoder.backbone.layernorm.weight", "encoder.backbone.layernorm.bias"}
+    unused = [n for n, p in model.named_parameters() if p.grad is None and n not in allowed_unused]
+    assert not unused
+    assert model.generate(pixel_values=random_images(), num_beams=2, max_new_tokens=4).shape[0] == 3
+
+
+def test_pretrained_backbone_weights_survive_initialisation_and_freezing_survives_reload(tmp_path):
+    torch.manual_seed(7)
+    backbone = ResNetModel(ResNetConfig(**{k: v for k, v in TINY_RESNET.items() if k != "model_type"}))
+    with torch.no_grad():
+        for parameter in backbone.parameters():
+            parameter.add_(torch.randn_like(parameter))  # unmistakably not a fresh initialisation
+    backbone.save_pretrained(tmp_path / "backbone")
+
+    model = ImgCapForConditionalGeneration.from_vision_pretrained(
+        str(tmp_path / "backbone"), decoder_type="attention", vocab_size=VOCAB_SIZE, hidden_size=32,
+        embedding_size=16, attention_size=16, region_grid_size=2,
+    )  # fmt: skip
+    reference = AutoModel.from_pretrained(tmp_path / "backbone").state_dict()
+    for key, value in model.encoder.backbone.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+
+    model.save_pretrained(tmp_path / "captioner")
+    reloaded = ImgCapForConditionalGeneration.from_pretrained(tmp_path / "captioner")
+    assert not any(p.requires_grad for p in reloaded.encoder.parameters())
+    assert all(p.requires_grad for p in reloaded.decoder.parameters())
+    assert not reloaded.train().encoder.backbone.training
+    for key, value in reloaded.encoder.backbone.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Serialisation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_save_and_load_round_trip(decoder_type, tmp_path):
+    model = tiny_model(decoder_type)
+    images = random_images()
+    model.save_pretrained(tmp_path)
+    files = {path.name for path in tmp_path.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "modeling_imgcap.py"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    reloaded = ImgCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    labels = random_labels()
+    torch.testing.assert_close(
+        reloaded(pixel_values=images, labels=labels).logits, model(pixel_values=images, labels=labels).logits,
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+    for kwargs in ({}, {"num_beams": 3}):
+        assert torch.equal(
+            reloaded.generate(pixel_values=images, max_new_tokens=8, **kwargs),
+            model.generate(pixel_values=images, max_new_tokens=8, **kwargs),
+        )
