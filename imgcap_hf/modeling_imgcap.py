@@ -263,8 +263,9 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
     def __init__(self, config: ImgCapConfig):
         super().__init__(config)
         self.encoder = ImgCapVisionEncoder(config)
-        if config.use_region_positions:
-            # (regions, feature_size): tells the attention where each region lies in the image.
+        if config.use_region_positions and config.decoder_type == "attention":
+            # (regions, feature_size): tells the attention where each region lies in the image. The Show-and-Tell
+            # decoder averages the regions, which would erase any position, so it has none.
             self.region_positions = nn.Parameter(torch.zeros(config.num_regions, config.vision_feature_size))
         else:
             self.region_positions = None
@@ -338,7 +339,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         return decoder_input_ids.masked_fill(decoder_input_ids == -100, self.config.pad_token_id)
 
     def _initial_state(self, regions: torch.Tensor) -> ImgCapDecoderState:
-        if self.region_positions is not None and self.config.decoder_type == "attention":
+        if self.region_positions is not None:
             regions = regions + self.region_positions  # (batch, regions, feature_size)
         return self.decoder.initial_state(regions)
 
@@ -355,6 +356,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
+        image_indices: torch.LongTensor | None = None,
         **kwargs,
     ) -> ImgCapOutput | tuple:
         r"""
@@ -369,6 +371,8 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
                 own prediction (scheduled sampling). Defaults to `config.teacher_forcing_ratio`.
             decoder_attention_mask: accepted for API compatibility and unused: padding sits at the end of a caption
                 and an LSTM never looks ahead, so it cannot influence the positions that count.
+            image_indices: `(captions,)` for each caption row, the row of its image in `pixel_values` /
+                `encoder_outputs`. Lets one encoder pass serve all captions of an image (Flickr30k has five).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = bool(output_attentions)
@@ -384,7 +388,9 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
                 if pixel_values is None:
                     raise ValueError("Pass `pixel_values` or `encoder_outputs` (the image) to the forward pass.")
                 encoder_outputs = self.encoder(pixel_values)
-            regions = encoder_outputs[0]  # (batch, regions, feature_size)
+            regions = encoder_outputs[0]  # (images, regions, feature_size)
+            if image_indices is not None:
+                regions = regions.index_select(0, image_indices)  # (captions, regions, feature_size)
             state = self._initial_state(regions)
         else:
             regions = None

@@ -135,8 +135,6 @@ def test_every_trainable_parameter_gets_a_gradient_and_the_frozen_encoder_none(d
     for name, parameter in model.named_parameters():
         if name.startswith("encoder."):
             assert not parameter.requires_grad and parameter.grad is None, name
-        elif decoder_type == "lstm" and name == "region_positions":
-            continue  # pooled away by the Show-and-Tell decoder; documented as attention-only
         else:
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
@@ -321,7 +319,7 @@ def test_pluggable_backbones(vision_config, regions, feature_size, decoder_type)
     output.loss.backward()
     # No ViT pooler that would never be trained. ConvNeXt's final LayerNorm only normalises its pooled vector, which
     # a region grid does not use; it stays in the backbone so that pretrained ConvNeXt checkpoints load unchanged.
-    allowed_unused = {"region_positions", "encoder.backbone.layernorm.weight", "encoder.backbone.layernorm.bias"}
+    allowed_unused = {"encoder.backbone.layernorm.weight", "encoder.backbone.layernorm.bias"}
     unused = [n for n, p in model.named_parameters() if p.grad is None and n not in allowed_unused]
     assert not unused
     assert model.generate(pixel_values=random_images(), num_beams=2, max_new_tokens=4).shape[0] == 3

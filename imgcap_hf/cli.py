@@ -1,0 +1,116 @@
+"""Command line: caption images, or score a model on a dataset split.
+
+    python -m imgcap_hf caption --model DIR_OR_ID [--num_beams N] [--max_new_tokens N] IMAGE...
+    python -m imgcap_hf evaluate --model DIR_OR_ID --dataset NAME_OR_PATH [--split test] [--num_beams N]
+
+`caption` prints one JSON object per line, `{"image": PATH, "caption": TEXT}`, or `{"image": PATH, "error": TEXT}`
+for a file that is not a usable image (the exit status is then 1, after every other image has been captioned).
+`evaluate` prints one JSON object with `bleu_1`..`bleu_4`, `cider`, `rouge_l` (and `meteor` where Java is available)
+and `num_images`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .data import load_caption_dataset
+from .image_processing_imgcap import load_image
+from .modeling_imgcap import ImgCapForConditionalGeneration
+from .processing_imgcap import ImgCapProcessor
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m imgcap_hf", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add_common(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--model", required=True, help="Folder written by train.py, or a Hub id.")
+        command.add_argument("--num_beams", type=int, default=None, help="Default: the model's generation config.")
+        command.add_argument("--max_new_tokens", type=int, default=None)
+        command.add_argument("--batch_size", type=int, default=16)
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    caption = commands.add_parser("caption", help="Caption image files.")
+    add_common(caption)
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+
+    evaluate = commands.add_parser("evaluate", help="coco-caption metrics on a dataset split.")
+    add_common(evaluate)
+    evaluate.add_argument("--dataset", required=True, help="'shapes', 'flickr30k', or a Kaggle/imagefolder path.")
+    evaluate.add_argument("--split", choices=["train", "validation", "test"], default="test")
+    evaluate.add_argument("--karpathy_json", default=None)
+    evaluate.add_argument("--max_samples", type=int, default=None, help="Score only the first N images.")
+    return parser
+
+
+def load_captioner(name_or_path: str, device: str) -> tuple[ImgCapForConditionalGeneration, ImgCapProcessor]:
+    model = ImgCapForConditionalGeneration.from_pretrained(name_or_path).to(device).eval()
+    processor = ImgCapProcessor.from_pretrained(name_or_path)
+    return model, processor
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict[str, int]:
+    """Only what the user set: the rest comes from the model's saved generation config."""
+    return {
+        name: value
+        for name, value in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
+        if value is not None
+    }
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    model, processor = load_captioner(args.model, args.device)
+    failures = 0
+    loaded = []
+    for path in args.images:
+        try:
+            loaded.append((path, load_image(path)))
+        except ValueError as error:
+            failures += 1
+            print(json.dumps({"image": path, "error": str(error)}, ensure_ascii=False), flush=True)
+    for start in range(0, len(loaded), args.batch_size):
+        chunk = loaded[start : start + args.batch_size]
+        inputs = processor(images=[image for _, image in chunk], return_tensors="pt").to(args.device)
+        with torch.no_grad():
+            sequences = model.generate(**inputs, **generation_kwargs(args))
+        for (path, _), text in zip(chunk, processor.batch_decode(sequences, skip_special_tokens=True)):
+            print(json.dumps({"image": path, "caption": text}, ensure_ascii=False), flush=True)
+    return 1 if failures else 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from .evaluation import evaluate_split
+
+    model, processor = load_captioner(args.model, args.device)
+    crop = processor.image_processor.crop_size
+    # The shapes set is drawn at the size the model was trained on.
+    shapes_kwargs = {"num_train": 0, "image_size": crop["height"] if isinstance(crop, dict) else crop.height}
+    splits, report = load_caption_dataset(args.dataset, karpathy_json=args.karpathy_json, shapes_kwargs=shapes_kwargs)
+    split = splits[args.split]
+    if args.max_samples is not None:
+        split = split.select(range(min(args.max_samples, len(split))))
+    if len(split) == 0:
+        print(f"error: the {args.split} split of {args.dataset!r} has no images ({report})", file=sys.stderr)
+        return 2
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    kwargs = {**model.generation_config.to_diff_dict(), **generation_kwargs(args)}
+    kwargs = {k: v for k, v in kwargs.items() if k in ("num_beams", "max_new_tokens", "length_penalty")}
+    metrics, _ = evaluate_split(
+        accelerator, model, processor.tokenizer, processor.image_processor, split,
+        batch_size=args.batch_size, generation_kwargs=kwargs,
+    )  # fmt: skip
+    print(json.dumps(metrics))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "caption":
+        return run_caption(args)
+    return run_evaluate(args)

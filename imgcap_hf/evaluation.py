@@ -1,0 +1,73 @@
+"""Free-running captioning of a whole split and its coco-caption scores, on one process or many.
+
+Scores are corpus-level over the whole split with all references of every image, from captions the model generated
+itself (never teacher-forced), which is what coco-caption reports and what older captioning code got wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from .batching import ImageCaptionCollator, image_inputs
+from .metrics import compute_caption_metrics
+
+
+@torch.no_grad()
+def generate_split_captions(
+    accelerator: Accelerator, model, tokenizer, dataloader: DataLoader, generation_kwargs: dict[str, Any]
+) -> dict[int, str]:
+    """Caption every image the (prepared) `dataloader` yields; returns `{image row: caption}` on every process.
+
+    Each process captions its shard; generated ids are padded to a common length and gathered, and
+    `gather_for_metrics` drops the samples that the last uneven batch duplicated.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    captions: dict[int, str] = {}
+    for batch in dataloader:
+        sequences = unwrapped.generate(**image_inputs(batch), **generation_kwargs)
+        sequences = accelerator.pad_across_processes(sequences, dim=1, pad_index=tokenizer.pad_token_id)
+        rows, sequences = accelerator.gather_for_metrics((batch["image_rows"], sequences))
+        texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+        captions.update(zip(rows.tolist(), texts))
+    unwrapped.train(was_training)
+    return captions
+
+
+def score_captions(captions: dict[int, str], split: Dataset) -> dict[str, float]:
+    """coco-caption metrics of `{row: caption}` against all reference captions of those rows of `split`."""
+    rows = sorted(captions)
+    references = split.select(rows)["captions"]
+    return compute_caption_metrics([captions[row] for row in rows], references)
+
+
+def evaluate_split(
+    accelerator: Accelerator,
+    model,
+    tokenizer,
+    image_processor,
+    split: Dataset,
+    *,
+    batch_size: int,
+    generation_kwargs: dict[str, Any],
+    features: torch.Tensor | None = None,
+) -> tuple[dict[str, float], dict[int, str]]:
+    """Caption `split` (from cached `features` when given) and score it; returns the metrics and the captions."""
+    loader = DataLoader(
+        list(range(len(split))),
+        batch_size=batch_size,
+        collate_fn=ImageCaptionCollator(split, image_processor, features=features),
+    )
+    # Sharded without `accelerator.prepare`, which would register the loader and put it in every checkpoint.
+    loader = prepare_data_loader(
+        loader, accelerator.device, accelerator.num_processes, accelerator.process_index, put_on_device=True
+    )
+    captions = generate_split_captions(accelerator, model, tokenizer, loader, generation_kwargs)
+    return score_captions(captions, split), captions

@@ -1,0 +1,125 @@
+"""Hub-ready serialisation: the README's usage, Auto classes, remote code without our package, the pipeline."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
+
+from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
+
+
+def sample_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (48, 48, 4), dtype=np.uint8), mode="RGBA"),
+    ]
+
+
+def captions_with(model, processor, **generate_kwargs) -> list[str]:
+    inputs = processor(images=sample_images(), return_tensors="pt")
+    ids = model.generate(**inputs, **generate_kwargs)
+    return processor.batch_decode(ids, skip_special_tokens=True)
+
+
+def test_saved_folder_holds_the_remote_code_and_safetensors_only(saved_tiny_captioner):
+    files = {path.name for path in saved_tiny_captioner.iterdir()}
+    expected = {
+        "config.json", "generation_config.json", "model.safetensors", "vocab.json", "tokenizer_config.json",
+        "configuration_imgcap.py", "modeling_imgcap.py", "tokenization_imgcap.py", "image_processing_imgcap.py",
+        "processing_imgcap.py",
+    }  # fmt: skip
+    assert expected <= files
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    auto_map = json.loads((saved_tiny_captioner / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_imgcap.ImgCapForConditionalGeneration"
+    assert auto_map["AutoConfig"] == "configuration_imgcap.ImgCapConfig"
+
+
+def test_readme_usage_round_trips(saved_tiny_captioner):
+    """The README's example, as written, on a saved model: same captions as the live model, greedy and beam."""
+    model = ImgCapForConditionalGeneration.from_pretrained(saved_tiny_captioner)
+    processor = ImgCapProcessor.from_pretrained(saved_tiny_captioner)
+    inputs = processor(images=sample_images(), return_tensors="pt")
+    ids = model.generate(**inputs, num_beams=5, max_new_tokens=30)
+    captions = processor.batch_decode(ids, skip_special_tokens=True)
+    assert len(captions) == 2 and all(isinstance(caption, str) for caption in captions)
+
+    auto_model = AutoModelForImageTextToText.from_pretrained(saved_tiny_captioner)
+    auto_processor = AutoProcessor.from_pretrained(saved_tiny_captioner)
+    assert type(auto_model) is ImgCapForConditionalGeneration
+    assert type(AutoTokenizer.from_pretrained(saved_tiny_captioner)).__name__ == "ImgCapTokenizer"
+    for kwargs in ({"max_new_tokens": 8}, {"num_beams": 3, "max_new_tokens": 8}):
+        assert captions_with(auto_model, auto_processor, **kwargs) == captions_with(model, processor, **kwargs)
+
+
+def test_remote_code_loads_and_captions_without_our_package(saved_tiny_captioner, tmp_path):
+    """A fresh interpreter where `import imgcap_hf` fails loads the folder through the Auto classes."""
+    model = ImgCapForConditionalGeneration.from_pretrained(saved_tiny_captioner)
+    processor = ImgCapProcessor.from_pretrained(saved_tiny_captioner)
+    image_path = tmp_path / "image.png"
+    sample_images()[0].save(image_path)
+    expected = captions_with(model, processor, num_beams=3, max_new_tokens=8)[0]
+
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["imgcap_hf"] = None  # any import of our package now raises ImportError
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+        folder = {str(saved_tiny_captioner)!r}
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        inputs = processor(images=[Image.open({str(image_path)!r})], return_tensors="pt")
+        ids = model.generate(**inputs, num_beams=3, max_new_tokens=8)
+        print(json.dumps({{
+            "module": type(model).__module__,
+            "caption": processor.batch_decode(ids, skip_special_tokens=True)[0],
+            "tokenizer_caption": tokenizer.decode(ids[0], skip_special_tokens=True),
+        }}))
+        """
+    )
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    environment.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output["module"].startswith("transformers_modules.")
+    assert output["caption"] == output["tokenizer_caption"] == expected
+
+
+def test_captioning_pipeline(saved_tiny_captioner, tmp_path):
+    model = ImgCapForConditionalGeneration.from_pretrained(saved_tiny_captioner)
+    processor = ImgCapProcessor.from_pretrained(saved_tiny_captioner)
+    path = tmp_path / "image.png"
+    sample_images()[1].save(path)
+    captioner = pipeline("image-captioning", model=str(saved_tiny_captioner))
+    expected = processor.batch_decode(
+        model.generate(**processor(images=[Image.open(path)], return_tensors="pt"), num_beams=2, max_new_tokens=8),
+        skip_special_tokens=True,
+    )[0]
+    assert captioner(str(path), num_beams=2, max_new_tokens=8) == [{"generated_text": expected}]
+    assert captioner([str(path), Image.open(path)], num_beams=2, max_new_tokens=8) == [
+        [{"generated_text": expected}],
+        [{"generated_text": expected}],
+    ]
+
+
+def test_generation_config_is_saved_and_used(saved_tiny_captioner):
+    model = ImgCapForConditionalGeneration.from_pretrained(saved_tiny_captioner)
+    assert (model.generation_config.max_new_tokens, model.generation_config.num_beams) == (8, 2)
+    assert model.generation_config.decoder_start_token_id == 2
+    processor = ImgCapProcessor.from_pretrained(saved_tiny_captioner)
+    ids = model.generate(**processor(images=sample_images(), return_tensors="pt"))
+    assert ids.shape[1] <= 9
+    assert torch.equal(ids, model.generate(**processor(images=sample_images(), return_tensors="pt"), num_beams=2,
+                                           max_new_tokens=8))  # fmt: skip

@@ -1,0 +1,556 @@
+"""Train an ImgCap captioner with Accelerate, evaluate it with coco-caption metrics, save it for `from_pretrained`.
+
+    python train.py                                   # the CPU demo: attention model on the built-in shapes set
+    accelerate launch train.py --config configs/flickr30k_attention.yaml
+    python train.py --config configs/shapes_lstm.yaml --num_train_epochs 2 --output_dir outputs/lstm
+
+Settings come from a YAML recipe (`--config`, default `configs/shapes_attention.yaml`); command-line flags override
+it, and the resolved settings are saved beside the model. The script reads top to bottom: arguments, set-up, data,
+model, optimizer, the training loop (with validation, best-model keeping and atomic checkpoints), final test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from imgcap_hf import (
+    ImgCapConfig,
+    ImgCapForConditionalGeneration,
+    ImgCapImageProcessor,
+    ImgCapProcessor,
+    ImgCapTokenizer,
+)
+from imgcap_hf.batching import ImageCaptionCollator, encode_images, image_inputs, tokenize_captions
+from imgcap_hf.data import load_caption_dataset
+from imgcap_hf.evaluation import evaluate_split
+
+logger = get_logger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_attention.yaml"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_MODEL_DIR = "best_model"
+
+
+# ====================================================================================================================
+# Arguments
+# ====================================================================================================================
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe whose keys are the flags below.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="shapes", help="'shapes', 'flickr30k', or a Kaggle/imagefolder path.")
+    data.add_argument("--karpathy_json", default=None, help="dataset_flickr30k.json for the Kaggle layout's split.")
+    data.add_argument("--shapes_num_train", type=int, default=3000, help="Training images of the shapes set.")
+    data.add_argument("--shapes_num_eval", type=int, default=300, help="Validation and test images of shapes.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images.")
+    data.add_argument("--max_eval_samples", type=int, default=None, help="Use only the first N eval/test images.")
+    data.add_argument("--image_size", type=int, default=224, help="Side of the square model input, in pixels.")
+    data.add_argument("--crop_pct", type=float, default=0.875, help="Resize to image_size/crop_pct, then crop.")
+    data.add_argument("--vocab_size", type=int, default=4096, help="Largest vocabulary the tokenizer may build.")
+    data.add_argument("--min_word_frequency", type=int, default=5, help="Rarer words are spelled out.")
+    data.add_argument("--lang", default="en", help="spaCy language of the captions (en, ar, ...).")
+    data.add_argument("--max_caption_length", type=int, default=40, help="Tokens per caption, <sos>/<eos> included.")
+    data.add_argument(
+        "--feature_cache",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Encode each image once and reuse its features ('auto': when the encoder is frozen).",
+    )
+    data.add_argument("--feature_cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--decoder_type", choices=["attention", "lstm"], default="attention")
+    model.add_argument(
+        "--vision_model_name_or_path", default=None, help="Pretrained backbone (e.g. microsoft/resnet-50)."
+    )
+    model.add_argument(
+        "--vision_config", type=json.loads, default=None, help="Random-init backbone config as JSON/YAML mapping."
+    )
+    model.add_argument("--hidden_size", type=int, default=1024)
+    model.add_argument("--embedding_size", type=int, default=1024)
+    model.add_argument("--num_hidden_layers", type=int, default=2)
+    model.add_argument("--attention_size", type=int, default=1024)
+    model.add_argument("--image_head_size", type=int, default=1024)
+    model.add_argument("--dropout", type=float, default=0.5)
+    model.add_argument("--region_grid_size", type=int, default=7)
+    model.add_argument("--use_region_positions", action=argparse.BooleanOptionalAction, default=False)
+    model.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True)
+    model.add_argument("--teacher_forcing_ratio", type=float, default=1.0)
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", default="outputs/shapes-attention")
+    training.add_argument("--per_device_train_batch_size", type=int, default=32, help="Images per batch (x captions).")
+    training.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--learning_rate", type=float, default=4e-4)
+    training.add_argument("--weight_decay", type=float, default=1e-4)
+    training.add_argument("--num_train_epochs", type=int, default=10)
+    training.add_argument("--max_train_steps", type=int, default=None, help="Overrides num_train_epochs.")
+    training.add_argument("--lr_scheduler_type", default="cosine", help="transformers' get_scheduler name.")
+    training.add_argument("--num_warmup_steps", type=int, default=0)
+    training.add_argument("--max_grad_norm", type=float, default=1.0)
+    training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    training.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False)
+    training.add_argument("--seed", type=int, default=42)
+    training.add_argument("--checkpointing_steps", default="epoch", help="An integer, 'epoch', or 'no'.")
+    training.add_argument("--checkpoints_total_limit", type=int, default=2)
+    training.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    training.add_argument("--max_consecutive_nonfinite", type=int, default=5, help="Stop after this many in a row.")
+    training.add_argument("--with_tracking", action="store_true", help="Log to --report_to (TensorBoard).")
+    training.add_argument("--report_to", default="tensorboard")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--num_beams", type=int, default=5)
+    evaluation.add_argument("--max_new_tokens", type=int, default=30)
+    evaluation.add_argument("--length_penalty", type=float, default=1.0)
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the final model (token from HF_TOKEN).")
+    hub.add_argument("--hub_model_id", default=None)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags override the YAML recipe, which overrides the parser defaults. Unknown recipe keys are an error."""
+    parser = build_parser()
+    config_path = parser.parse_known_args(argv)[0].config
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            parser.error(f"--config {config_path}: no such file")
+        recipe = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(recipe, dict):
+            parser.error(f"--config {config_path}: expected a mapping of flag names to values")
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            parser.error(f"--config {config_path}: unknown keys {unknown}")
+        parser.set_defaults(**recipe)
+    args = parser.parse_args(argv)
+    if args.checkpointing_steps not in ("epoch", "no") and not str(args.checkpointing_steps).isdigit():
+        parser.error("--checkpointing_steps must be an integer, 'epoch' or 'no'")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    return args
+
+
+# ====================================================================================================================
+# Checkpoints: written to a temporary folder and renamed, so a folder named checkpoint-N is always complete
+# ====================================================================================================================
+
+
+class TrainingProgress:
+    """Where training stands; saved in every checkpoint (accelerate's `save_state` does not record it)."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.step_in_epoch = 0  # optimizer steps done in the current epoch
+        self.completed_steps = 0
+        self.best_cider = -math.inf
+        self.best_step = None
+        self.nonfinite_losses = 0
+        self.history = []  # one entry per epoch: train loss and validation metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary `.tmp` folders of interrupted writes are ignored)."""
+    folder = output_dir / CHECKPOINTS_DIR
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+    final = output_dir / CHECKPOINTS_DIR / f"checkpoint-{step}"
+    staging = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        # Old checkpoints go only after the new one is complete (accelerate's own limit deletes them first).
+        if total_limit:
+            for old in checkpoint_dirs(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume_dir(output_dir: Path, resume_from_checkpoint: str) -> Path | None:
+    if resume_from_checkpoint != "latest":
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
+        return path
+    complete = checkpoint_dirs(output_dir)
+    return complete[-1] if complete else None
+
+
+def save_model_atomically(model, processor, generation_kwargs: dict[str, Any], target: Path) -> None:
+    staging = target.with_name(target.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.generation_config.update(**generation_kwargs)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+# ====================================================================================================================
+# Set-up pieces
+# ====================================================================================================================
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> ImgCapForConditionalGeneration:
+    model_settings = dict(
+        decoder_type=args.decoder_type,
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        embedding_size=args.embedding_size,
+        num_hidden_layers=args.num_hidden_layers,
+        attention_size=args.attention_size,
+        image_head_size=args.image_head_size,
+        dropout=args.dropout,
+        region_grid_size=args.region_grid_size,
+        use_region_positions=args.use_region_positions,
+        freeze_encoder=args.freeze_encoder,
+        teacher_forcing_ratio=args.teacher_forcing_ratio,
+    )
+    if args.vision_model_name_or_path:
+        return ImgCapForConditionalGeneration.from_vision_pretrained(args.vision_model_name_or_path, **model_settings)
+    return ImgCapForConditionalGeneration(ImgCapConfig(vision_config=args.vision_config, **model_settings))
+
+
+def build_image_processor(args: argparse.Namespace) -> ImgCapImageProcessor:
+    return ImgCapImageProcessor(
+        crop_size={"height": args.image_size, "width": args.image_size},
+        crop_pct=args.crop_pct,
+    )
+
+
+def load_data(args: argparse.Namespace):
+    shapes_kwargs = {
+        "num_train": args.shapes_num_train,
+        "num_validation": args.shapes_num_eval,
+        "num_test": args.shapes_num_eval,
+        "image_size": args.image_size,
+    }
+    splits, report = load_caption_dataset(args.dataset, karpathy_json=args.karpathy_json, shapes_kwargs=shapes_kwargs)
+    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
+    if args.max_eval_samples is not None:
+        splits["test"] = splits["test"].select(range(min(args.max_eval_samples, len(splits["test"]))))
+    for name in ("train", "validation", "test"):
+        if len(splits[name]) == 0:
+            raise ValueError(f"The {name} split of {args.dataset!r} is empty after loading: {report}")
+    return splits, report
+
+
+def use_feature_cache(args: argparse.Namespace) -> bool:
+    return args.feature_cache == "on" or (args.feature_cache == "auto" and args.freeze_encoder)
+
+
+# ====================================================================================================================
+# Main
+# ====================================================================================================================
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    start_time = time.time()
+
+    # ---- Set-up ------------------------------------------------------------------------------------------------
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")  # fail now, not after an hour of training, if the folder is not writable
+        probe.unlink()
+        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+
+    # ---- Data ----------------------------------------------------------------------------------------------------
+    splits, data_report = load_data(args)
+    logger.info(f"Data: {data_report}")
+    train_captions = [caption for captions in splits["train"]["captions"] for caption in captions]
+    tokenizer = ImgCapTokenizer.from_captions(
+        train_captions, vocab_size=args.vocab_size, min_frequency=args.min_word_frequency, lang=args.lang
+    )
+    image_processor = build_image_processor(args)
+    processor = ImgCapProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    train_caption_ids = tokenize_captions(tokenizer, splits["train"], args.max_caption_length)
+    if accelerator.is_main_process:
+        (output_dir / "data_report.json").write_text(json.dumps(data_report.to_dict(), indent=2) + "\n")
+
+    # ---- Model ---------------------------------------------------------------------------------------------------
+    model = build_model(args, vocab_size=len(tokenizer))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    generation_kwargs = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "length_penalty": args.length_penalty,
+    }
+
+    features = {}
+    if use_feature_cache(args):
+        if not args.freeze_encoder:
+            raise ValueError("--feature_cache on needs a frozen encoder: a trained encoder changes its features")
+        cache_dtype = getattr(torch, args.feature_cache_dtype)
+        model.to(accelerator.device)
+        for name in ("train", "validation", "test"):
+            features[name] = encode_images(
+                model, splits[name], image_processor, args.per_device_eval_batch_size, accelerator.device, cache_dtype
+            )
+        logger.info(f"Feature cache: {sum(f.numel() * f.element_size() for f in features.values()) / 2**20:.1f} MiB")
+
+    # ---- Dataloader, optimizer, schedule -------------------------------------------------------------------------
+    train_dataloader = DataLoader(
+        list(range(len(splits["train"]))),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=ImageCaptionCollator(
+            splits["train"], image_processor, train_caption_ids, features=features.get("train")
+        ),
+        num_workers=args.dataloader_num_workers,
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    # Recompute: the prepared dataloader is sharded across processes.
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    training_forward = torch.compile(model) if args.torch_compile else model
+
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+    if args.with_tracking:
+        accelerator.init_trackers("imgcap", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
+
+    # ---- Resume --------------------------------------------------------------------------------------------------
+    if args.resume_from_checkpoint:
+        resume_dir = resolve_resume_dir(output_dir, args.resume_from_checkpoint)
+        if resume_dir is None:
+            logger.info("No complete checkpoint to resume from: starting from scratch")
+        else:
+            accelerator.load_state(str(resume_dir))
+            logger.info(f"Resumed from {resume_dir} at step {progress.completed_steps} (epoch {progress.epoch})")
+
+    logger.info("***** Running training *****")
+    logger.info(f"  Images = {len(splits['train'])}, captions = {len(train_captions)}, epochs = {num_epochs}")
+    logger.info(
+        f"  Images per device batch = {args.per_device_train_batch_size}, processes = {accelerator.num_processes}"
+    )
+    logger.info(
+        f"  Optimization steps = {args.max_train_steps}; parameters: {trainable:,} trainable, {frozen:,} frozen"
+    )
+    progress_bar = tqdm(
+        total=args.max_train_steps, initial=progress.completed_steps, disable=not accelerator.is_local_main_process
+    )
+
+    # ---- Training loop -------------------------------------------------------------------------------------------
+    consecutive_nonfinite = 0
+    stopped_early = None
+    while progress.epoch < num_epochs and progress.completed_steps < args.max_train_steps and not stopped_early:
+        model.train()
+        train_dataloader.set_epoch(progress.epoch)  # the same seeded shuffle on every process and on resume
+        batches = train_dataloader
+        if progress.step_in_epoch:
+            batches = accelerator.skip_first_batches(
+                train_dataloader, progress.step_in_epoch * args.gradient_accumulation_steps
+            )
+        epoch_loss, epoch_batches = 0.0, 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = training_forward(
+                    **image_inputs(batch), labels=batch["labels"], image_indices=batch["image_indices"]
+                ).loss
+                # Every process must take the same decision, or DDP would wait forever for the skipped backward.
+                all_finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
+                if all_finite:
+                    consecutive_nonfinite = 0
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        # After unscaling (accelerate does it for fp16) and before the step: clipping that counts.
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    epoch_loss += loss.item()
+                    epoch_batches += 1
+                else:
+                    consecutive_nonfinite += 1
+                    progress.nonfinite_losses += 1
+                    logger.warning(f"Non-finite loss at step {progress.completed_steps}: batch skipped")
+                optimizer.zero_grad(set_to_none=True)
+
+            if consecutive_nonfinite >= args.max_consecutive_nonfinite:
+                stopped_early = f"{consecutive_nonfinite} non-finite losses in a row"
+                break
+            if not accelerator.sync_gradients:
+                continue
+            progress.completed_steps += 1
+            progress.step_in_epoch += 1
+            progress_bar.update(1)
+            if all_finite:
+                progress_bar.set_postfix(loss=f"{loss.item():.3f}")
+            if args.with_tracking and all_finite:
+                accelerator.log(
+                    {"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, progress.completed_steps
+                )
+            if (
+                str(args.checkpointing_steps).isdigit()
+                and progress.completed_steps % int(args.checkpointing_steps) == 0
+            ):
+                save_checkpoint(accelerator, output_dir, progress.completed_steps, args.checkpoints_total_limit)
+            if progress.completed_steps >= args.max_train_steps:
+                break
+
+        if stopped_early:
+            logger.error(f"Training stopped: {stopped_early}. The last good checkpoint is kept.")
+            break
+
+        # ---- Validation: free-running beam search, corpus-level metrics ----------------------------------------
+        metrics, _ = evaluate_split(
+            accelerator, model, tokenizer, image_processor, splits["validation"],
+            batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
+            features=features.get("validation"),
+        )  # fmt: skip
+        mean_loss = epoch_loss / max(epoch_batches, 1)
+        progress.history.append(
+            {"epoch": progress.epoch, "step": progress.completed_steps, "train_loss": mean_loss, **metrics}
+        )
+        logger.info(
+            f"epoch {progress.epoch}: train loss {mean_loss:.4f}, validation "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "num_images")
+        )
+        if args.with_tracking:
+            accelerator.log({f"validation_{k}": v for k, v in metrics.items()}, progress.completed_steps)
+        if metrics["cider"] > progress.best_cider:
+            progress.best_cider, progress.best_step = metrics["cider"], progress.completed_steps
+            if accelerator.is_main_process:
+                save_model_atomically(
+                    accelerator.unwrap_model(model), processor, generation_kwargs, output_dir / BEST_MODEL_DIR
+                )
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, output_dir, progress.completed_steps, args.checkpoints_total_limit)
+    progress_bar.close()
+    accelerator.wait_for_everyone()
+
+    # ---- Final model: the best by validation CIDEr, evaluated once on the test split --------------------------------
+    final_model = accelerator.unwrap_model(model)
+    best_dir = output_dir / BEST_MODEL_DIR
+    if (best_dir / "model.safetensors").is_file():
+        final_model = ImgCapForConditionalGeneration.from_pretrained(best_dir).to(accelerator.device)
+    test_metrics, test_captions = evaluate_split(
+        accelerator, final_model, tokenizer, image_processor, splits["test"],
+        batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
+        features=features.get("test"),
+    )  # fmt: skip
+    results = {
+        **{f"test_{k}": v for k, v in test_metrics.items()},
+        "best_validation_cider": progress.best_cider if progress.best_step is not None else None,
+        "best_step": progress.best_step,
+        "completed_steps": progress.completed_steps,
+        "nonfinite_losses": progress.nonfinite_losses,
+        "stopped_early": stopped_early,
+        "train_runtime_seconds": round(time.time() - start_time, 1),
+        "trainable_parameters": trainable,
+        "frozen_parameters": frozen,
+        "generation": generation_kwargs,
+        "history": progress.history,
+    }
+    if accelerator.is_main_process:
+        final_model.generation_config.update(**generation_kwargs)
+        final_model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        samples = [
+            {"image_id": splits["test"][row]["image_id"], "caption": test_captions[row]}
+            for row in sorted(test_captions)[:20]
+        ]
+        (output_dir / "test_samples.json").write_text(json.dumps(samples, indent=2) + "\n")
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        logger.info("Test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items() if k != "num_images"))
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            api.create_repo(args.hub_model_id, exist_ok=True)
+            api.upload_folder(
+                repo_id=args.hub_model_id,
+                folder_path=output_dir,
+                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{BEST_MODEL_DIR}/*", "*.tmp*", "runs/*", "*.pkl", "*.bin"],
+            )
+    if args.with_tracking:
+        accelerator.end_training()
+    if stopped_early:
+        accelerator.print(f"Training stopped early: {stopped_early}")
+    return results
+
+
+if __name__ == "__main__":
+    results = main()
+    sys.exit(1 if results["stopped_early"] else 0)
