@@ -1,0 +1,151 @@
+"""`ImgCapProcessor`: the image processor and the caption tokenizer behind one object, saved and loaded together.
+
+Shipped to Hub users as remote code: imports only transformers and the sibling image processing and tokenization
+files (which `save_pretrained` then copies next to this one).
+"""
+
+from transformers.image_processing_base import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_imgcap import ImgCapImageProcessor
+from .tokenization_imgcap import ImgCapTokenizer
+
+# Label value that the loss ignores (PyTorch's `CrossEntropyLoss` default and the transformers convention).
+IGNORE_INDEX = -100
+
+
+class ImgCapProcessor(ProcessorMixin):
+    r"""
+    Turns images into `pixel_values` and captions into training `labels` for `ImgCapForConditionalGeneration`, and
+    decodes generated ids back into captions.
+
+    Output contract of `__call__`:
+
+    - `pixel_values`: `(batch, 3, height, width)` float32, from [`ImgCapImageProcessor`].
+    - `labels`: the tokenized captions *without* their leading `<sos>`, i.e. `w1 ... wn <eos>`, right-padded with
+      -100 (ignored by the loss). The model builds its decoder inputs by shifting the labels right: it prepends
+      `<sos>` and turns -100 into `<pad>`, giving `<sos> w1 ... wn` aligned with the targets `w1 ... wn <eos>`, so
+      each position is trained to predict the next word. No `decoder_input_ids` or attention mask is returned: the
+      labels alone determine them, and an LSTM reads right-padded sequences without a mask.
+
+    Args:
+        image_processor ([`ImgCapImageProcessor`]):
+            Resizes, crops and normalises images.
+        tokenizer ([`ImgCapTokenizer`]):
+            Encodes captions as `<sos> w1 ... wn <eos>` and decodes ids.
+
+    Example:
+
+    ```python
+    >>> from PIL import Image
+    >>> from imgcap_hf.image_processing_imgcap import ImgCapImageProcessor
+    >>> from imgcap_hf.processing_imgcap import ImgCapProcessor
+    >>> from imgcap_hf.tokenization_imgcap import ImgCapTokenizer
+    >>> tokenizer = ImgCapTokenizer.from_captions(["A dog runs .", "A cat sleeps ."], min_frequency=1)
+    >>> processor = ImgCapProcessor(ImgCapImageProcessor(crop_size=32), tokenizer)
+    >>> images = [Image.new("RGB", (64, 48)), Image.new("RGBA", (48, 64))]
+    >>> batch = processor(images=images, text=["A dog runs .", "A cat ."], return_tensors="pt")
+    >>> batch["pixel_values"].shape
+    torch.Size([2, 3, 32, 32])
+    >>> batch["labels"]  # a dog runs . <eos> / a cat . <eos> <ignored>
+    tensor([[   4,   33,   34,   31,    3],
+            [   4,   32,   31,    3, -100]])
+
+    ```
+    """
+
+    def __init__(self, image_processor: ImgCapImageProcessor, tokenizer: ImgCapTokenizer):
+        super().__init__(image_processor, tokenizer)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs) -> list:
+        """Load both parts with their own classes rather than through `AutoImageProcessor`/`AutoTokenizer`.
+
+        The Auto classes only know custom classes that were registered in this Python process (or loaded as remote
+        code); loading directly makes `ImgCapProcessor.from_pretrained` work without either.
+        """
+        return [
+            ImgCapImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            ImgCapTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
+        ]
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        return_tensors: str | None = None,
+        padding: bool | str = True,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        **image_kwargs,
+    ) -> BatchFeature:
+        """
+        Prepare model inputs: `pixel_values` from `images`, `labels` from `text` (see the class docstring).
+
+        Args:
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                Images in any mode or layout that [`to_rgb_image`] accepts.
+            text (`str` or `list[str]`, *optional*):
+                One caption per image (training targets).
+            return_tensors (`str`, *optional*):
+                `"pt"` for torch tensors, `"np"` for numpy arrays, `None` for lists.
+            padding (`bool` or `str`, *optional*, defaults to `True`):
+                Tokenizer padding: `True`/`"longest"` pads to the longest caption of the batch, `"max_length"` to
+                `max_length`. Padded label positions are -100. Padding is always on the right, where the shift-right
+                contract needs it.
+            truncation (`bool`, *optional*):
+                Cut captions longer than `max_length` (keeping `<eos>`). Defaults to `True` when `max_length` is set.
+            max_length (`int`, *optional*):
+                Maximum tokenized caption length counting `<sos>` and `<eos>`, as for the tokenizer; the labels are
+                one position shorter, since they drop `<sos>`.
+            image_kwargs:
+                Passed to the image processor (e.g. `crop_size`).
+
+        Raises:
+            ValueError: neither images nor text, text that is not strings, or image and caption counts that differ.
+        """
+        if images is None and text is None:
+            raise ValueError("ImgCapProcessor needs `images`, `text` or both.")
+        data = {}
+        if images is not None:
+            data.update(self.image_processor(images, **image_kwargs))
+        if text is not None:
+            data["labels"] = self._caption_labels(text, padding, truncation, max_length)
+        if images is not None and text is not None and len(data["pixel_values"]) != len(data["labels"]):
+            raise ValueError(
+                f"Got {len(data['pixel_values'])} images but {len(data['labels'])} captions: "
+                "pass one caption per image."
+            )
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _caption_labels(
+        self, text: str | list[str], padding: bool | str, truncation: bool | None, max_length: int | None
+    ) -> list[list[int]]:
+        """`w1 ... wn <eos>` per caption, pad positions set to -100."""
+        captions = [text] if isinstance(text, str) else text
+        if not isinstance(captions, (list, tuple)) or not all(isinstance(caption, str) for caption in captions):
+            raise ValueError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
+        encoded = self.tokenizer(
+            list(captions),
+            padding=padding,
+            truncation=max_length is not None if truncation is None else truncation,
+            max_length=max_length,
+            padding_side="right",
+            return_attention_mask=True,
+        )
+        labels = []
+        for ids, attention_mask in zip(encoded["input_ids"], encoded["attention_mask"]):
+            if ids[0] != self.tokenizer.bos_token_id:
+                raise ValueError(
+                    f"The tokenizer must start every caption with {self.tokenizer.bos_token}, got id {ids[0]} first."
+                )
+            labels.append([token if real else IGNORE_INDEX for token, real in zip(ids[1:], attention_mask[1:])])
+        return labels
+
+    @property
+    def model_input_names(self) -> list[str]:
+        """Inputs of the model's forward that this processor produces (`labels` are targets, not inputs)."""
+        return ["pixel_values"]
+
+
+__all__ = ["ImgCapProcessor"]
