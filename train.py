@@ -499,6 +499,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save_checkpoint(accelerator, output_dir, progress.completed_steps, args.checkpoints_total_limit)
     progress_bar.close()
     accelerator.wait_for_everyone()
+    if stopped_early:
+        # Neither evaluate nor save a diverged model: the best model and the checkpoints stay as they were.
+        results = {"stopped_early": stopped_early, "nonfinite_losses": progress.nonfinite_losses,
+                   "completed_steps": progress.completed_steps, "history": progress.history}  # fmt: skip
+        if accelerator.is_main_process:
+            (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        accelerator.print(f"Training stopped early: {stopped_early}. Nothing was saved over earlier results.")
+        if args.with_tracking:
+            accelerator.end_training()
+        return results
 
     # ---- Final model: the best by validation CIDEr, evaluated once on the test split --------------------------------
     final_model = accelerator.unwrap_model(model)
@@ -516,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_step": progress.best_step,
         "completed_steps": progress.completed_steps,
         "nonfinite_losses": progress.nonfinite_losses,
-        "stopped_early": stopped_early,
+        "stopped_early": None,
         "train_runtime_seconds": round(time.time() - start_time, 1),
         "trainable_parameters": trainable,
         "frozen_parameters": frozen,
@@ -546,8 +556,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     if args.with_tracking:
         accelerator.end_training()
-    if stopped_early:
-        accelerator.print(f"Training stopped early: {stopped_early}")
     return results
 
 

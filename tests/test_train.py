@@ -1,0 +1,169 @@
+"""train.py end to end on tiny models and tiny data: learning, outputs, resume, non-finite losses, DDP, CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_VISION = json.dumps(
+    {
+        "model_type": "resnet",
+        "layer_type": "basic",
+        "embedding_size": 8,
+        "depths": [1, 1, 1],
+        "hidden_sizes": [8, 16, 32],
+    }
+)
+
+
+def tiny_args(output_dir: Path, decoder_type: str = "attention", *extra: str) -> list[str]:
+    """The shapes recipe, shrunk: 96 training images, a tiny ResNet and decoder, greedy evaluation."""
+    return [
+        "--output_dir", str(output_dir), "--decoder_type", decoder_type,
+        "--shapes_num_train", "96", "--shapes_num_eval", "16", "--image_size", "32",
+        "--vision_config", TINY_VISION, "--region_grid_size", "2",
+        "--hidden_size", "32", "--embedding_size", "16", "--attention_size", "16", "--image_head_size", "16",
+        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
+        "--num_beams", "2", "--max_new_tokens", "12", "--num_warmup_steps", "0", "--learning_rate", "3e-3",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoder_type", ["attention", "lstm"])
+def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_path):
+    results = train.main(tiny_args(tmp_path, decoder_type, "--num_train_epochs", "3"))
+    losses = [entry["train_loss"] for entry in results["history"]]
+    assert len(losses) == 3 and losses[-1] < losses[0] * 0.8, losses
+    for key in ("test_bleu_1", "test_bleu_4", "test_cider", "test_num_images"):
+        assert key in results
+    assert results["test_num_images"] == 16
+    saved = json.loads((tmp_path / "all_results.json").read_text())
+    assert saved["test_cider"] == pytest.approx(results["test_cider"])
+    assert json.loads((tmp_path / "training_args.json").read_text())["decoder_type"] == decoder_type
+
+    model = ImgCapForConditionalGeneration.from_pretrained(tmp_path)
+    processor = ImgCapProcessor.from_pretrained(tmp_path)
+    assert model.config.decoder_type == decoder_type
+    assert model.generation_config.num_beams == 2
+    examples = train.load_data(train.parse_args(tiny_args(tmp_path)))[0]["test"]
+    ids = model.generate(**processor(images=examples[:2]["image"], return_tensors="pt"))
+    assert all(caption.strip() for caption in processor.batch_decode(ids, skip_special_tokens=True))
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """A run resumed from its step-4 checkpoint ends bit-identical to the run that never stopped (on CPU)."""
+    common = ["--max_train_steps", "10", "--checkpointing_steps", "2", "--checkpoints_total_limit", "10",
+              "--teacher_forcing_ratio", "0.8", "--dropout", "0.3"]  # fmt: skip
+    straight = tmp_path / "straight"
+    train.main(tiny_args(straight, "attention", *common))
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    train.main(tiny_args(resumed, "attention", *common, "--resume_from_checkpoint", "latest"))
+
+    final_straight = load_file(straight / "checkpoints" / "checkpoint-10" / "model.safetensors")
+    final_resumed = load_file(resumed / "checkpoints" / "checkpoint-10" / "model.safetensors")
+    assert final_straight.keys() == final_resumed.keys()
+    for key in final_straight:
+        assert torch.equal(final_straight[key], final_resumed[key]), key
+    assert json.loads((straight / "all_results.json").read_text())["test_cider"] == pytest.approx(
+        json.loads((resumed / "all_results.json").read_text())["test_cider"]
+    )
+
+
+def test_latest_checkpoint_ignores_interrupted_writes(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x"):
+        (checkpoints / name).mkdir(parents=True)
+    assert train.resolve_resume_dir(tmp_path, "latest") == checkpoints / "checkpoint-10"
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        train.resolve_resume_dir(tmp_path, str(tmp_path / "missing"))
+
+
+def test_non_finite_losses_are_skipped_counted_and_stop_training(tmp_path):
+    """A corrupted pretrained backbone (NaN weights) makes every loss NaN: skipped, counted, stopped, nothing saved."""
+    from transformers import ResNetConfig, ResNetModel
+
+    backbone = ResNetModel(ResNetConfig(**{k: v for k, v in json.loads(TINY_VISION).items() if k != "model_type"}))
+    with torch.no_grad():
+        next(backbone.parameters()).fill_(float("nan"))
+    backbone.save_pretrained(tmp_path / "broken-backbone")
+
+    output = tmp_path / "run"
+    results = train.main(
+        tiny_args(output, "attention", "--vision_model_name_or_path", str(tmp_path / "broken-backbone"),
+                  "--max_consecutive_nonfinite", "3", "--num_train_epochs", "1")
+    )  # fmt: skip
+    assert results["stopped_early"] == "3 non-finite losses in a row"
+    assert results["nonfinite_losses"] == 3 and results["completed_steps"] == 0
+    assert not (output / "model.safetensors").exists()
+    assert json.loads((output / "all_results.json").read_text())["stopped_early"]
+
+
+def test_recipes_parse_and_unknown_keys_are_rejected(tmp_path):
+    for recipe in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        args = train.parse_args(["--config", str(recipe)])
+        assert args.decoder_type in recipe.stem
+    flickr = train.parse_args(["--config", str(REPO_ROOT / "configs" / "flickr30k_attention.yaml")])
+    assert (flickr.hidden_size, flickr.num_hidden_layers, flickr.teacher_forcing_ratio) == (1024, 2, 0.9)
+    assert flickr.vision_model_name_or_path == "microsoft/resnet-50" and flickr.mixed_precision == "fp16"
+    assert train.parse_args(["--learning_rate", "0.5"]).learning_rate == 0.5  # flags override the recipe
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(bad)])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_with_accelerate_launch(tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
+        *tiny_args(tmp_path / "ddp", "lstm", "--num_train_epochs", "1"),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
+    assert results["test_num_images"] == 16  # every test image scored exactly once across the two processes
+    assert results["completed_steps"] == 3  # 96 images / (16 per device x 2 processes)
+    assert ImgCapForConditionalGeneration.from_pretrained(tmp_path / "ddp").config.decoder_type == "lstm"
+
+
+def test_cli_caption_and_evaluate(saved_tiny_captioner, tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(good)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    command = [sys.executable, "-m", "imgcap_hf", "caption", "--model", str(saved_tiny_captioner), "--num_beams", "2"]
+    result = subprocess.run([*command, str(good), str(broken)], capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1  # one image failed; the other was still captioned
+    by_image = {line["image"]: line for line in lines}
+    assert isinstance(by_image[str(good)]["caption"], str)
+    assert "error" in by_image[str(broken)] and "Traceback" not in result.stdout
+
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "imgcap_hf", "evaluate", "--model", str(saved_tiny_captioner), "--dataset", "shapes",
+         "--max_samples", "12", "--max_new_tokens", "5"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
+    assert metrics["num_images"] == 12
+    assert {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider"} <= metrics.keys()
