@@ -28,7 +28,7 @@ import transformers
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num_hidden_layers", type=int, default=2)
     model.add_argument("--attention_size", type=int, default=1024)
     model.add_argument("--image_head_size", type=int, default=1024)
+    model.add_argument("--image_pooling", choices=["mean", "max"], default="mean")
+    model.add_argument("--normalize_image_input", action=argparse.BooleanOptionalAction, default=False)
     model.add_argument("--dropout", type=float, default=0.5)
     model.add_argument("--region_grid_size", type=int, default=7)
     model.add_argument("--use_region_positions", action=argparse.BooleanOptionalAction, default=False)
@@ -114,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--num_warmup_steps", type=int, default=0)
     training.add_argument("--max_grad_norm", type=float, default=1.0)
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    training.add_argument(
+        "--cpu",
+        action="store_true",
+        help="Train on the CPU even where a GPU exists. Automatic for a multi-process launch on a machine without "
+        "GPUs (DDP over gloo).",
+    )
     training.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False)
     training.add_argument("--seed", type=int, default=42)
     training.add_argument("--checkpointing_steps", default="epoch", help="An integer, 'epoch', or 'no'.")
@@ -245,6 +253,8 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> ImgCapForCondition
         num_hidden_layers=args.num_hidden_layers,
         attention_size=args.attention_size,
         image_head_size=args.image_head_size,
+        image_pooling=args.image_pooling,
+        normalize_image_input=args.normalize_image_input,
         dropout=args.dropout,
         region_grid_size=args.region_grid_size,
         use_region_positions=args.use_region_positions,
@@ -297,11 +307,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start_time = time.time()
 
     # ---- Set-up ------------------------------------------------------------------------------------------------
+    # accelerate picks DDP over gloo for several processes only when told to use the CPU.
+    multi_process_without_gpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=args.cpu or multi_process_without_gpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -364,24 +377,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             splits["train"], image_processor, train_caption_ids, features=features.get("train")
         ),
         num_workers=args.dataloader_num_workers,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a run resumed mid-epoch
+        # (which creates one more iterator) would get different dropout and teacher-forcing draws.
+        generator=torch.Generator().manual_seed(args.seed),
     )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    # Each process will see its shard of the batches: count optimizer steps per process.
+    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,
+        # accelerate steps a prepared scheduler once per process at every optimizer step
         num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
-    # Recompute: the prepared dataloader is sharded across processes.
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     training_forward = torch.compile(model) if args.torch_compile else model
 
     progress = TrainingProgress()
@@ -450,12 +466,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
             if not accelerator.sync_gradients:
                 continue
+            progress.step_in_epoch += 1  # batches consumed in this epoch, to skip them when resuming
+            if not all_finite:
+                continue  # no optimizer update happened: not a completed step
             progress.completed_steps += 1
-            progress.step_in_epoch += 1
             progress_bar.update(1)
-            if all_finite:
-                progress_bar.set_postfix(loss=f"{loss.item():.3f}")
-            if args.with_tracking and all_finite:
+            progress_bar.set_postfix(loss=f"{loss.item():.3f}")
+            if args.with_tracking:
                 accelerator.log(
                     {"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, progress.completed_steps
                 )

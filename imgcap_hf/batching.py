@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
+from transformers.modeling_outputs import BaseModelOutput
 
 
 def tokenize_captions(tokenizer, split: Dataset, max_length: int) -> list[list[list[int]]]:
@@ -69,7 +70,7 @@ class ImageCaptionCollator:
 def image_inputs(batch: dict[str, torch.Tensor]) -> dict[str, object]:
     """The image part of a batch as model keyword arguments (`pixel_values` or cached `encoder_outputs`)."""
     if "encoder_features" in batch:
-        return {"encoder_outputs": (batch["encoder_features"],)}
+        return {"encoder_outputs": BaseModelOutput(last_hidden_state=batch["encoder_features"])}
     return {"pixel_values": batch["pixel_values"]}
 
 
@@ -82,7 +83,10 @@ def encode_images(
     was_training = model.training
     model.eval()
     loader = DataLoader(
-        list(range(len(split))), batch_size=batch_size, collate_fn=ImageCaptionCollator(split, image_processor)
+        list(range(len(split))),
+        batch_size=batch_size,
+        collate_fn=ImageCaptionCollator(split, image_processor),
+        generator=torch.Generator(),  # encoding must not draw from (and so shift) the training RNG
     )
     chunks = []
     for batch in loader:

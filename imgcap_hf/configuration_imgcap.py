@@ -44,6 +44,14 @@ class ImgCapConfig(PreTrainedConfig):
         image_head_size (`int`, *optional*, defaults to 1024):
             Width of the two-layer image head that maps the pooled feature to the first LSTM input (`"lstm"` decoder
             only).
+        image_pooling (`str`, *optional*, defaults to `"mean"`):
+            `"lstm"` decoder only: how the region grid becomes one image vector, `"mean"` (global average pooling, as
+            published) or `"max"` (keeps a small object's features from being averaged away by the background).
+        normalize_image_input (`bool`, *optional*, defaults to `False`):
+            `"lstm"` decoder only: a LayerNorm on the image's first-step input. Without it, a decoder trained with an
+            encoder that starts from random weights can learn to blow that input up until the LSTM gates saturate and
+            every image gives the same state (the image is then ignored). Off in the published configuration, whose
+            encoder is pretrained.
         region_grid_size (`int`, *optional*, defaults to 7):
             A 4-D feature map is adaptive-average-pooled to `region_grid_size x region_grid_size` regions. Patch-token
             backbones keep their own patch grid.
@@ -74,6 +82,7 @@ class ImgCapConfig(PreTrainedConfig):
 
     model_type = "imgcap"
     decoder_types: ClassVar[tuple[str, ...]] = ("attention", "lstm")
+    image_poolings: ClassVar[tuple[str, ...]] = ("mean", "max")
     sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet")}
 
     vision_config: PreTrainedConfig | dict | None = None
@@ -85,6 +94,8 @@ class ImgCapConfig(PreTrainedConfig):
     dropout: float = 0.5
     attention_size: int = 1024
     image_head_size: int = 1024
+    image_pooling: str = "mean"
+    normalize_image_input: bool = False
     region_grid_size: int = 7
     use_region_positions: bool = False
     freeze_encoder: bool = True
@@ -100,6 +111,8 @@ class ImgCapConfig(PreTrainedConfig):
         """Reject an unknown decoder before any weights are built from it."""
         if self.decoder_type not in self.decoder_types:
             raise ValueError(f"decoder_type must be one of {self.decoder_types}, got {self.decoder_type!r}")
+        if self.image_pooling not in self.image_poolings:
+            raise ValueError(f"image_pooling must be one of {self.image_poolings}, got {self.image_pooling!r}")
 
     def validate_sizes(self):
         """Positive sizes and probabilities in range: a typo here would otherwise surface as a shape error."""

@@ -64,6 +64,7 @@ def evaluate_split(
         list(range(len(split))),
         batch_size=batch_size,
         collate_fn=ImageCaptionCollator(split, image_processor, features=features),
+        generator=torch.Generator(),  # evaluating must not draw from (and so shift) the training RNG
     )
     # Sharded without `accelerator.prepare`, which would register the loader and put it in every checkpoint.
     loader = prepare_data_loader(

@@ -307,11 +307,14 @@ class ImgCapImageProcessor(PilBackend):
     do_normalize = True
 
     def _prepare_images_structure(self, images, expected_ndims: int = 3) -> list:
-        """A flat list of images from one image, a list/tuple of images, or a 4-D batch array/tensor."""
+        """A flat list of images from one image, a sequence of images (a list, a tuple, a `datasets` column...), or a
+        4-D batch array/tensor."""
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
             return list(images)
         if isinstance(images, _IMAGE_TYPES):
             return [images]  # `to_rgb_image` checks its shape
+        if not isinstance(images, (str, bytes, dict)) and hasattr(images, "__iter__"):
+            images = list(images)
         if isinstance(images, (list, tuple)):
             if not images:
                 raise ValueError("Got an empty list of images.")

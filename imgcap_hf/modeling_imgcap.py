@@ -193,6 +193,7 @@ class ImgCapLSTMDecoder(nn.Module):
             nn.ReLU(),
         )
         self.image_projection = nn.Linear(config.image_head_size, config.embedding_size)
+        self.image_norm = nn.LayerNorm(config.embedding_size) if config.normalize_image_input else nn.Identity()
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
         self.lstm = nn.LSTM(
             config.embedding_size,
@@ -205,8 +206,11 @@ class ImgCapLSTMDecoder(nn.Module):
         self.output = nn.Linear(config.hidden_size, config.vocab_size)
 
     def initial_state(self, regions: torch.Tensor) -> ImgCapDecoderState:
-        pooled = regions.mean(dim=1)  # (batch, feature_size): global average pool over the grid
-        image_input = self.image_projection(self.image_head(pooled)).unsqueeze(1)  # (batch, 1, embedding)
+        # (batch, feature_size): global max or average pool over the grid
+        pooled = regions.amax(dim=1) if self.config.image_pooling == "max" else regions.mean(dim=1)
+        image_input = self.image_norm(self.image_projection(self.image_head(pooled))).unsqueeze(
+            1
+        )  # (batch, 1, embedding)
         _, (hidden, cell) = self.lstm(image_input)  # each (num_layers, batch, hidden)
         return ImgCapDecoderState(hidden, cell)
 
@@ -239,7 +243,7 @@ class ImgCapPreTrainedModel(PreTrainedModel):
         The backbone is a `PreTrainedModel` of its own and is initialised by its own `_init_weights`; transformers
         guards these calls so that weights loaded from a checkpoint are never overwritten.
         """
-        if isinstance(module, (nn.Linear, nn.Embedding, nn.LSTM, nn.LSTMCell)):
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LSTM, nn.LSTMCell, nn.LayerNorm)):
             module.reset_parameters()
         elif isinstance(module, ImgCapForConditionalGeneration) and module.region_positions is not None:
             nn.init.normal_(module.region_positions, std=0.02)

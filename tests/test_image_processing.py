@@ -527,3 +527,14 @@ def test_processor_survives_save_and_load(tmp_path, processor):
     expected, actual = processor(**inputs), reloaded(**inputs)
     assert torch.equal(actual["pixel_values"], expected["pixel_values"])
     assert torch.equal(actual["labels"], expected["labels"])
+
+
+def test_a_datasets_column_of_images_is_a_batch():
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    images = [Image.new("RGB", (40, 30), (255, 0, 0)), Image.new("L", (30, 40), 128)]
+    column = Dataset.from_dict({"image": images}).cast_column("image", ImageFeature())["image"]
+    assert not isinstance(column, list)
+    pixel_values = ImgCapImageProcessor(crop_size=32)(column, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (2, 3, 32, 32)

@@ -48,9 +48,11 @@ def random_labels(batch_size: int = 3, length: int = 7, seed: int = 2) -> torch.
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_config_rejects_unknown_decoder_type():
+def test_config_rejects_unknown_decoder_type_and_pooling():
     with pytest.raises(Exception, match="decoder_type must be one of"):
         ImgCapConfig(decoder_type="transformer")
+    with pytest.raises(Exception, match="image_pooling must be one of"):
+        ImgCapConfig(image_pooling="median")
 
 
 @pytest.mark.parametrize(
@@ -193,6 +195,42 @@ def test_scheduled_sampling_mixes_truth_and_predictions_for_the_lstm_decoder():
     own = model(pixel_values=images, labels=labels, teacher_forcing_ratio=0.0).logits
     torch.testing.assert_close(mixed[:, 0], forced[:, 0])  # the first input is always <sos>
     assert not torch.allclose(mixed, forced) and not torch.allclose(mixed, own)
+
+
+def test_normalized_image_input_stays_at_unit_scale_however_large_the_image_path_grows():
+    """In training from a random encoder, the image input grew by orders of magnitude until the LSTM gates saturated
+    and the image was ignored; with `normalize_image_input` the first-step input keeps unit scale per image."""
+    model = tiny_model("lstm", normalize_image_input=True)
+    recorded = []
+    model.decoder.lstm.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0]))
+    with torch.no_grad():
+        model.decoder.image_projection.weight.mul_(1e4)
+        model._initial_state(model.encoder(random_images()).last_hidden_state)
+    (image_input,) = recorded  # (batch, 1, embedding_size)
+    torch.testing.assert_close(image_input.mean(-1), torch.zeros(3, 1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(image_input.std(-1, unbiased=False), torch.ones(3, 1), atol=1e-3, rtol=0)
+
+
+def test_max_pooling_reads_the_strongest_region():
+    model = tiny_model("lstm", image_pooling="max")
+    regions = torch.zeros(2, 4, 32)
+    regions[1, 3] = 5.0  # one strong region: the max sees it whole, the mean would see a quarter of it
+    mean_model = tiny_model("lstm")
+    mean_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        max_state = model._initial_state(regions)
+        mean_state = mean_model._initial_state(regions * 4)  # mean of (4x one region) == that region
+    torch.testing.assert_close(max_state.hidden[:, 1], mean_state.hidden[:, 1])
+
+
+def test_one_encoder_pass_serves_several_captions_per_image():
+    model = tiny_model("attention")
+    images, labels = random_images(batch_size=2), random_labels(batch_size=4)
+    image_indices = torch.tensor([0, 0, 1, 1])
+    shared = model(pixel_values=images, labels=labels, image_indices=image_indices)
+    repeated = model(pixel_values=images[image_indices], labels=labels)
+    torch.testing.assert_close(shared.logits, repeated.logits)
+    torch.testing.assert_close(shared.loss, repeated.loss)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -33,16 +33,26 @@ def tiny_args(output_dir: Path, decoder_type: str = "attention", *extra: str) ->
         "--shapes_num_train", "96", "--shapes_num_eval", "16", "--image_size", "32",
         "--vision_config", TINY_VISION, "--region_grid_size", "2",
         "--hidden_size", "32", "--embedding_size", "16", "--attention_size", "16", "--image_head_size", "16",
-        "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16",
-        "--num_beams", "2", "--max_new_tokens", "12", "--num_warmup_steps", "0", "--learning_rate", "3e-3",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--num_beams", "2", "--max_new_tokens", "12", "--num_warmup_steps", "0", "--learning_rate", "1e-2",
         *extra,
     ]  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder_type", ["attention", "lstm"])
-def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_path):
-    results = train.main(tiny_args(tmp_path, decoder_type, "--num_train_epochs", "3"))
+def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    uploads = []  # the network edge: record what would be sent to the Hub instead of sending it
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: uploads.append(("create", repo_id)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: uploads.append(("upload", kwargs)))
+    # The lstm run keeps its encoder frozen, so it trains and evaluates from the feature cache.
+    encoder = ["--freeze_encoder"] if decoder_type == "lstm" else ["--no-freeze_encoder"]
+    results = train.main(
+        tiny_args(tmp_path, decoder_type, *encoder, "--num_train_epochs", "3", "--with_tracking", "--push_to_hub",
+                  "--hub_model_id", "someone/tiny-captioner")
+    )  # fmt: skip
     losses = [entry["train_loss"] for entry in results["history"]]
     assert len(losses) == 3 and losses[-1] < losses[0] * 0.8, losses
     for key in ("test_bleu_1", "test_bleu_4", "test_cider", "test_num_images"):
@@ -59,6 +69,12 @@ def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_
     examples = train.load_data(train.parse_args(tiny_args(tmp_path)))[0]["test"]
     ids = model.generate(**processor(images=examples[:2]["image"], return_tensors="pt"))
     assert all(caption.strip() for caption in processor.batch_decode(ids, skip_special_tokens=True))
+
+    assert list(tmp_path.rglob("events.out.tfevents.*"))  # TensorBoard logs were written
+    assert uploads[0] == ("create", "someone/tiny-captioner")
+    upload = uploads[1][1]
+    assert upload["repo_id"] == "someone/tiny-captioner" and Path(upload["folder_path"]) == tmp_path
+    assert {"checkpoints/*", "best_model/*", "runs/*"} <= set(upload["ignore_patterns"])
 
 
 @pytest.mark.slow
@@ -129,9 +145,11 @@ def test_recipes_parse_and_unknown_keys_are_rejected(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_run_with_accelerate_launch(tmp_path):
+    # accelerate's `--cpu` launcher starts a single process; `--multi_gpu` starts torchrun, and train.py then picks
+    # DDP over gloo because the machine has no GPU.
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
         *tiny_args(tmp_path / "ddp", "lstm", "--num_train_epochs", "1"),
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -139,7 +157,7 @@ def test_two_process_ddp_run_with_accelerate_launch(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
     assert results["test_num_images"] == 16  # every test image scored exactly once across the two processes
-    assert results["completed_steps"] == 3  # 96 images / (16 per device x 2 processes)
+    assert results["completed_steps"] == 6  # 96 images / (8 per device x 2 processes)
     assert ImgCapForConditionalGeneration.from_pretrained(tmp_path / "ddp").config.decoder_type == "lstm"
 
 
