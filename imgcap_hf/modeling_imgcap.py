@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
@@ -323,7 +323,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         ```
         """
         vision_kwargs = dict(vision_kwargs or {})
-        vision_config = AutoModel.from_pretrained(vision_model_name_or_path, **vision_kwargs).config
+        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path, **vision_kwargs)
         vision_model = AutoModel.from_pretrained(
             vision_model_name_or_path, **vision_kwargs, **_backbone_init_kwargs(vision_config)
         )

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModel, ResNetConfig, ResNetModel
+from transformers import AutoModel, ResNetConfig, ResNetForImageClassification, ResNetModel
 
 from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
 
@@ -363,13 +363,17 @@ def test_pluggable_backbones(vision_config, regions, feature_size, decoder_type)
     assert model.generate(pixel_values=random_images(), num_beams=2, max_new_tokens=4).shape[0] == 3
 
 
-def test_pretrained_backbone_weights_survive_initialisation_and_freezing_survives_reload(tmp_path):
+@pytest.mark.parametrize("checkpoint_kind", ["base model", "classification model (like microsoft/resnet-50)"])
+def test_pretrained_backbone_weights_survive_initialisation_and_freezing_survives_reload(checkpoint_kind, tmp_path):
     torch.manual_seed(7)
-    backbone = ResNetModel(ResNetConfig(**{k: v for k, v in TINY_RESNET.items() if k != "model_type"}))
+    resnet_config = ResNetConfig(**{k: v for k, v in TINY_RESNET.items() if k != "model_type"}, num_labels=3)
+    saved = (
+        ResNetModel(resnet_config) if checkpoint_kind == "base model" else ResNetForImageClassification(resnet_config)
+    )
     with torch.no_grad():
-        for parameter in backbone.parameters():
+        for parameter in saved.parameters():
             parameter.add_(torch.randn_like(parameter))  # unmistakably not a fresh initialisation
-    backbone.save_pretrained(tmp_path / "backbone")
+    saved.save_pretrained(tmp_path / "backbone")
 
     model = ImgCapForConditionalGeneration.from_vision_pretrained(
         str(tmp_path / "backbone"), decoder_type="attention", vocab_size=VOCAB_SIZE, hidden_size=32,
