@@ -1,0 +1,684 @@
+"""Gradio demo: caption a picture, list the n best captions with their scores and, for attention models, show where
+the model looked for each word (the Show, Attend and Tell view).
+
+    python app.py                                        # outputs/shapes-attention, what `make demo` trains
+    python app.py --model DIR_OR_HUB_ID [--model ANOTHER] [--host 127.0.0.1] [--port 7860]
+
+The same settings come from the environment for Hugging Face Spaces: `IMGCAP_MODELS` (comma-separated model folders or
+Hub ids), `GRADIO_SERVER_NAME`, `GRADIO_SERVER_PORT`.
+
+Serving defaults, chosen for a public demo: bound to 127.0.0.1 unless told otherwise, never a share link, no
+analytics, no flagging (Blocks has none), uploads capped at 10 MB, images at `DEFAULT_MAX_PIXELS`, a bounded queue,
+bounded concurrency, a time limit per caption, decoding parameters clamped to the UI's ranges (API callers can send
+anything), and unusable input answered with one sentence (`gr.Error`) while other errors stay in the server log.
+
+API (`gradio_client`):
+
+    Client(url).predict(handle_file("photo.jpg"), api_name="/caption")   # -> (caption, n-best table, heatmaps)
+    Client(url).predict(handle_file("photo.jpg"), api_name="/caption_batch")  # -> (caption, error), batched
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
+from imgcap_hf.data import write_shapes_examples
+from imgcap_hf.tokenization_imgcap import SPACE_TOKEN
+
+# The folder `make demo` trains into; used when no model is named.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "outputs" / "shapes-attention"
+
+# Serving limits.
+MAX_FILE_SIZE = 10 * 1024 * 1024  # bytes per upload; Gradio answers larger uploads with HTTP 413
+QUEUE_MAX_SIZE = 32  # waiting requests beyond this are turned away at once instead of piling up
+CONCURRENCY_LIMIT = 2  # captions computed at the same time (the demo targets a 2-core CPU Space)
+MAX_BATCH_SIZE = 8  # images one call of the batched endpoint may gather from the queue
+TIME_LIMIT_SECONDS = 20.0  # generation stops after this long and returns what it has (transformers' `max_time`)
+CACHE_MAX_AGE_SECONDS = 3600  # uploads and results are deleted from Gradio's cache after about an hour
+
+# Decoding ranges: the UI's sliders, and the clamps applied to every request.
+MAX_BEAMS = 10
+MAX_NEW_TOKENS = 64
+LENGTH_PENALTY_RANGE = (0.0, 2.0)
+TEMPERATURE_RANGE = (0.05, 2.0)
+TOP_P_RANGE = (0.05, 1.0)
+MAX_SEED = 2**32 - 1
+
+# Heatmaps are drawn on a copy of the image whose long side is this many pixels.
+DISPLAY_SIDE = 320
+HEATMAP_OPACITY = 0.5
+OUTSIDE_CROP_BRIGHTNESS = 0.35  # parts of the picture the model never saw (cut off by the centre crop) are dimmed
+# A blue-green-yellow-red ramp (close to matplotlib's "turbo"): low attention is cool, high attention is hot.
+COLORMAP_ANCHORS = np.array(
+    [[48, 18, 59], [40, 120, 240], [30, 210, 150], [250, 200, 40], [190, 20, 10]], dtype=np.float32
+)
+
+NO_MODEL_MESSAGE = (
+    "**No captioning model is loaded.** Train the demo model with `make demo` (a few minutes on a CPU; it writes "
+    "`outputs/shapes-attention`), or start the app with `python app.py --model DIR_OR_HUB_ID`."
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Captioner:
+    """One loaded model, its processor, and the label the model selector shows."""
+
+    label: str
+    model: ImgCapForConditionalGeneration
+    processor: ImgCapProcessor
+
+    @property
+    def has_attention(self) -> bool:
+        return self.model.config.decoder_type == "attention"
+
+
+def load_captioners(model_paths: Sequence[str]) -> dict[str, Captioner]:
+    """Load every model once, in eval mode, keyed by a label such as `"attention (shapes-attention)"`.
+
+    Raises whatever `from_pretrained` raises for a folder or Hub id that holds no ImgCap model: a model the operator
+    named explicitly should stop the start-up, not fail on the first request.
+    """
+    captioners = {}
+    for path in model_paths:
+        model = ImgCapForConditionalGeneration.from_pretrained(path).eval()
+        processor = ImgCapProcessor.from_pretrained(path)
+        label = f"{model.config.decoder_type} ({Path(str(path).rstrip('/')).name})"
+        if label in captioners:
+            label = f"{label} #{len(captioners) + 1}"
+        captioners[label] = Captioner(label, model, processor)
+    return captioners
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding settings: defaults from the model, every value clamped
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _clamp(value: object, low: float, high: float, default: float) -> float:
+    """`value` as a float within [low, high]; anything that is not a finite number gives `default`."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+    if not math.isfinite(number):
+        return default
+    return min(max(number, low), high)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingSettings:
+    num_beams: int = 5
+    max_new_tokens: int = 20
+    length_penalty: float = 1.0
+    num_captions: int = 3
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.9
+    seed: int = 0
+
+    @classmethod
+    def clamped(cls, **values: object) -> DecodingSettings:
+        """Settings from untrusted values (an API call can send beams=500): each is forced into the UI's range.
+
+        With beam search at most `num_beams` captions exist; sampling (one beam) draws up to `MAX_BEAMS` of them.
+        """
+        defaults = cls()
+        num_beams = round(_clamp(values.get("num_beams"), 1, MAX_BEAMS, defaults.num_beams))
+        do_sample = bool(values.get("do_sample", defaults.do_sample))
+        most_captions = MAX_BEAMS if do_sample and num_beams == 1 else num_beams
+        return cls(
+            num_beams=num_beams,
+            max_new_tokens=round(_clamp(values.get("max_new_tokens"), 1, MAX_NEW_TOKENS, defaults.max_new_tokens)),
+            length_penalty=_clamp(values.get("length_penalty"), *LENGTH_PENALTY_RANGE, defaults.length_penalty),
+            num_captions=round(_clamp(values.get("num_captions"), 1, most_captions, defaults.num_captions)),
+            do_sample=do_sample,
+            temperature=_clamp(values.get("temperature"), *TEMPERATURE_RANGE, defaults.temperature),
+            top_p=_clamp(values.get("top_p"), *TOP_P_RANGE, defaults.top_p),
+            seed=round(_clamp(values.get("seed"), 0, MAX_SEED, defaults.seed)),
+        )
+
+    def generate_kwargs(self) -> dict[str, object]:
+        kwargs = {
+            "num_beams": self.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+            "num_return_sequences": self.num_captions,
+            "do_sample": self.do_sample,
+        }
+        if self.num_beams > 1:  # the length penalty only exists in beam search
+            kwargs["length_penalty"] = self.length_penalty
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)  # top_k=0: only top-p filters
+        return kwargs
+
+
+def model_defaults(captioner: Captioner | None) -> DecodingSettings:
+    """The UI's starting values: the model's saved generation config where it has one, clamped to the UI's ranges."""
+    if captioner is None:
+        return DecodingSettings()
+    config = captioner.model.generation_config
+    return DecodingSettings.clamped(
+        num_beams=config.num_beams,
+        max_new_tokens=config.max_new_tokens or DecodingSettings.max_new_tokens,
+        length_penalty=config.length_penalty,
+        num_captions=min(DecodingSettings.num_captions, config.num_beams or 1),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captioning: n-best captions, their scores, and the attention of the best one
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CaptionResult:
+    captions: list[tuple[str, float]]  # (caption, score), best first
+    word_attention: list[tuple[str, np.ndarray]]  # best caption: (word, (regions,) weights); empty for lstm models
+
+
+def caption_image(
+    captioner: Captioner, image: Image.Image, settings: DecodingSettings, time_limit: float = TIME_LIMIT_SECONDS
+) -> CaptionResult:
+    """Generate captions for one upright RGB image, then score them and read their attention in one teacher-forced
+    pass.
+
+    The score is the caption's log-probability under the model (temperature 1, no top-p), divided by
+    `length ** length_penalty` where length counts the generated words and `<eos>`: the number beam search ranks by,
+    so beam search's own order is kept, and sampled captions get comparable scores. The same pass gives the attention
+    weights of every word of the chosen caption exactly (no need to follow beams through `generate`'s outputs).
+    """
+    model, processor = captioner.model, captioner.processor
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]  # (1, 3, height, width)
+    with torch.inference_mode():
+        sequences = model.generate(
+            pixel_values=pixel_values, max_time=time_limit, **settings.generate_kwargs()
+        )  # (captions, 1 + steps): <sos> words <eos> <pad>...
+        labels = _labels_from_sequences(sequences, model.config)  # (captions, steps), -100 after <eos>
+        output = model(
+            pixel_values=pixel_values,
+            decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels),
+            image_indices=torch.zeros(len(labels), dtype=torch.long),  # one encoder pass serves every caption
+            output_attentions=captioner.has_attention,
+        )
+    log_probs = output.logits.float().log_softmax(dim=-1)  # (captions, steps, vocab)
+    kept = labels != -100  # (captions, steps)
+    token_log_probs = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * kept
+    scores = token_log_probs.sum(dim=-1) / kept.sum(dim=-1).float() ** settings.length_penalty  # (captions,)
+
+    texts = processor.batch_decode(sequences, skip_special_tokens=True)
+    order = sorted(range(len(texts)), key=lambda row: -scores[row].item())
+    captions, seen = [], set()
+    for row in order:
+        if texts[row] not in seen:  # sampling can draw the same caption twice
+            seen.add(texts[row])
+            captions.append((texts[row], scores[row].item()))
+
+    word_attention = []
+    if output.cross_attentions is not None:
+        best = order[0]
+        weights = output.cross_attentions[0][best, 0]  # (steps, regions)
+        tokens = processor.tokenizer.convert_ids_to_tokens(labels[best][kept[best]].tolist())
+        word_attention = [
+            (word, weights[positions].mean(dim=0).numpy())
+            for word, positions in _words_with_positions(tokens, processor.tokenizer)
+        ]
+    return CaptionResult(captions, word_attention)
+
+
+def _labels_from_sequences(sequences: torch.LongTensor, config) -> torch.LongTensor:
+    """`generate`'s output without `<sos>`, everything after the first `<eos>` set to -100 (ignored).
+
+    Beam search pads finished captions with `pad_token_id` (or `<eos>` when that is 0): neither may count as a word.
+    """
+    labels = sequences[:, 1:].clone()  # (captions, steps)
+    is_eos = labels == config.eos_token_id
+    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first <eos>
+    return labels.masked_fill(after_eos, -100)
+
+
+def _words_with_positions(tokens: list[str], tokenizer) -> list[tuple[str, list[int]]]:
+    """Group the generated tokens into the words that decoding prints, with the positions of their tokens.
+
+    Mirrors `ImgCapTokenizer.convert_tokens_to_string`: a word outside the vocabulary is spelled as letters between
+    two space tokens and is one word (its attention is the mean over its tokens); special tokens other than `<unk>`
+    (here only the final `<eos>`) print nothing.
+    """
+    skipped = set(tokenizer.all_special_tokens) - {tokenizer.unk_token}
+    letters = set(tokenizer.spelling_alphabet)
+    words: list[tuple[str, list[int]]] = []
+    spelled: list[int] | None = None  # positions of the word being spelled; None outside a spelled word
+
+    def finish_spelled_word() -> None:
+        letter_positions = [position for position in spelled if tokens[position] != SPACE_TOKEN]
+        if letter_positions:
+            words.append(("".join(tokens[position] for position in letter_positions), spelled))
+
+    for position, token in enumerate(tokens):
+        if token == SPACE_TOKEN and spelled is None:
+            spelled = [position]
+        elif spelled is not None and token in letters:
+            spelled.append(position)
+        else:
+            if spelled is not None:
+                if token == SPACE_TOKEN:
+                    spelled.append(position)  # the closing space belongs to the spelled word
+                finish_spelled_word()
+                spelled = None
+            if token != SPACE_TOKEN and token not in skipped:
+                words.append((token, [position]))
+    if spelled is not None:
+        finish_spelled_word()
+    return words
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention heatmaps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _size_field(size: object, name: str) -> int | None:
+    """A field of a size given as a dict (a processor's saved config) or a `SizeDict` (a loaded processor)."""
+    return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+
+
+def model_view_box(image_processor, width: int, height: int) -> tuple[float, float, float, float]:
+    """The part of a `width` x `height` picture that the model sees, as (left, top, right, bottom) fractions of it.
+
+    The processor resizes (shortest edge to `crop_size / crop_pct`, or to an explicit `size`) and then centre-crops,
+    so the attention grid covers this centred box of the picture, not all of it: the heatmap is drawn in the box and
+    the cut-off margins are dimmed. A crop larger than the resized picture (the processor pads it) is clipped to the
+    picture.
+    """
+    crop_height = _size_field(image_processor.crop_size, "height")
+    crop_width = _size_field(image_processor.crop_size, "width")
+    size = image_processor.size
+    if not image_processor.do_resize:
+        resized_width, resized_height = float(width), float(height)
+    elif size is not None and _size_field(size, "height") and _size_field(size, "width"):
+        resized_width, resized_height = float(_size_field(size, "width")), float(_size_field(size, "height"))
+    else:
+        edge = _size_field(size, "shortest_edge") if size is not None else None
+        edge = edge or int(max(crop_height, crop_width) / image_processor.crop_pct)
+        scale = edge / min(width, height)
+        resized_width, resized_height = width * scale, height * scale
+    if not image_processor.do_center_crop:
+        return 0.0, 0.0, 1.0, 1.0
+    left = max(0.0, (resized_width - crop_width) / 2 / resized_width)
+    top = max(0.0, (resized_height - crop_height) / 2 / resized_height)
+    return left, top, 1.0 - left, 1.0 - top
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) float RGB, interpolated linearly between `COLORMAP_ANCHORS`."""
+    positions = values * (len(COLORMAP_ANCHORS) - 1)
+    lower = np.clip(np.floor(positions).astype(int), 0, len(COLORMAP_ANCHORS) - 2)
+    fraction = (positions - lower)[..., None]
+    return COLORMAP_ANCHORS[lower] * (1 - fraction) + COLORMAP_ANCHORS[lower + 1] * fraction
+
+
+def attention_overlays(
+    image: Image.Image, word_attention: list[tuple[str, np.ndarray]], image_processor
+) -> list[tuple[Image.Image, str]]:
+    """One picture per word: its attention over the region grid, smoothly upsampled onto the part of the (upright)
+    picture the model saw, colour-mapped and blended over it. Each map is scaled to its own maximum, as in Show,
+    Attend and Tell's figures, so every word shows where it looked most."""
+    scale = DISPLAY_SIDE / max(image.size)
+    display = image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
+    )
+    base = np.asarray(display, dtype=np.float32)  # (H, W, 3)
+    left, top, right, bottom = model_view_box(image_processor, image.width, image.height)
+    box = (
+        round(left * display.width),
+        round(top * display.height),
+        max(round(left * display.width) + 1, round(right * display.width)),
+        max(round(top * display.height) + 1, round(bottom * display.height)),
+    )
+    box_width, box_height = box[2] - box[0], box[3] - box[1]
+
+    overlays = []
+    for word, weights in word_attention:
+        grid_side = math.isqrt(weights.size)
+        if grid_side * grid_side != weights.size:  # not a square grid of regions: no picture to draw
+            return []
+        grid = weights.reshape(grid_side, grid_side).astype(np.float32)  # row-major, as the encoder flattens it
+        grid = grid / max(float(grid.max()), 1e-12)
+        heat = np.asarray(Image.fromarray(grid).resize((box_width, box_height), Image.Resampling.BICUBIC))
+        heat = np.clip(heat, 0.0, 1.0)  # (box_height, box_width); bicubic overshoots a little
+        blended = base * OUTSIDE_CROP_BRIGHTNESS
+        inside = base[box[1] : box[3], box[0] : box[2]]
+        blended[box[1] : box[3], box[0] : box[2]] = (1 - HEATMAP_OPACITY) * inside + HEATMAP_OPACITY * colormap(heat)
+        overlays.append((Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)), word))
+    return overlays
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Request handlers: what the UI and the API call
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _user_error(message: str) -> gr.Error:
+    """An error whose one-sentence message is shown to the user; the server log gets no traceback for it."""
+    return gr.Error(message, print_exception=False)
+
+
+class CaptionService:
+    """The request handlers, bound to the models loaded at start-up.
+
+    Generation runs under `torch.inference_mode()` in Gradio's worker threads. Sampling seeds torch's global random
+    generator (`generate` has no per-call generator), so seeded sampling runs one request at a time to stay
+    reproducible while other requests run.
+    """
+
+    def __init__(self, captioners: dict[str, Captioner], time_limit: float = TIME_LIMIT_SECONDS):
+        self.captioners = captioners
+        self.time_limit = time_limit
+        self._sampling_lock = threading.Lock()
+
+    def _captioner(self, label: str | None) -> Captioner:
+        if not self.captioners:
+            raise _user_error("No captioning model is loaded: run `make demo` or start the app with --model.")
+        if label is None and len(self.captioners) == 1:
+            return next(iter(self.captioners.values()))
+        if label not in self.captioners:
+            raise _user_error(f"Unknown model; choose one of: {', '.join(self.captioners)}.")
+        return self.captioners[label]
+
+    @staticmethod
+    def _load(image: str | dict | None) -> Image.Image:
+        """Open the request's image with `load_image`, whose one-sentence `ValueError` becomes the user's message.
+
+        `image` is a path, or Gradio's raw file payload (a dict with the uploaded file's `path` in Gradio's cache): the
+        events skip Gradio's preprocessing, which opens every upload with Pillow before the handler runs, so that
+        random bytes or a decompression bomb would fail there with an error the user never sees explained.
+        """
+        path = image.get("path") if isinstance(image, dict) else image
+        if path is None:
+            raise _user_error(
+                "No image was given: upload one, take one with the webcam, paste one or pick an example."
+            )
+        try:
+            return load_image(path)
+        except ValueError as error:  # one sentence naming the file (not its folder) and what is wrong
+            raise _user_error(str(error)) from None
+
+    def caption(
+        self,
+        image: str | dict | None,
+        model_label: str | None = None,
+        num_beams: float = DecodingSettings.num_beams,
+        max_new_tokens: float = DecodingSettings.max_new_tokens,
+        length_penalty: float = DecodingSettings.length_penalty,
+        num_captions: float = DecodingSettings.num_captions,
+        do_sample: bool = DecodingSettings.do_sample,
+        temperature: float = DecodingSettings.temperature,
+        top_p: float = DecodingSettings.top_p,
+        seed: float = DecodingSettings.seed,
+    ) -> tuple[str, list[list[object]], list[tuple[Image.Image, str]]]:
+        """The `/caption` endpoint: (best caption, n-best table rows [caption, score], one heatmap per word)."""
+        captioner = self._captioner(model_label)
+        picture = self._load(image)
+        settings = DecodingSettings.clamped(
+            num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+            num_captions=num_captions, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
+        )  # fmt: skip
+        if settings.do_sample:
+            with self._sampling_lock:
+                torch.manual_seed(settings.seed)
+                result = caption_image(captioner, picture, settings, self.time_limit)
+        else:
+            result = caption_image(captioner, picture, settings, self.time_limit)
+        table = [[text, round(score, 4)] for text, score in result.captions]
+        overlays = attention_overlays(picture, result.word_attention, captioner.processor.image_processor)
+        return result.captions[0][0], table, overlays
+
+    def caption_batch(self, images: list[str | dict | None]) -> tuple[list[str], list[str]]:
+        """The `/caption_batch` endpoint, which Gradio calls with up to `MAX_BATCH_SIZE` queued requests at once.
+
+        One `generate` call captions all of them with the first model's saved settings. Each request gets
+        (caption, error) with exactly one of them empty: raising `gr.Error` would fail every request of the batch,
+        including the good ones.
+        """
+        captioner = self._captioner(next(iter(self.captioners), None))
+        captions, errors, pictures, rows = [""] * len(images), [""] * len(images), [], []
+        for row, image in enumerate(images):
+            try:
+                pictures.append(self._load(image))
+                rows.append(row)
+            except gr.Error as error:
+                errors[row] = error.message
+        if pictures:
+            settings = dataclasses.replace(model_defaults(captioner), num_captions=1)
+            inputs = captioner.processor(images=pictures, return_tensors="pt")  # (images, 3, height, width)
+            with torch.inference_mode():
+                sequences = captioner.model.generate(
+                    **inputs, max_time=self.time_limit, **settings.generate_kwargs()
+                )  # (images, 1 + steps)
+            for row, text in zip(rows, captioner.processor.batch_decode(sequences, skip_special_tokens=True)):
+                captions[row] = text
+        return captions, errors
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Example images, generated at start-up (no copied photos)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_examples(directory: str | Path) -> list[tuple[Path, str]]:
+    """Write example images into `directory`: shapes test scenes (never trained on), and the same kind of scene as an
+    RGBA PNG with a transparent background, a grayscale PNG and a JPEG stored sideways with EXIF orientation 6.
+
+    Returns (path, label) pairs.
+    """
+    directory = Path(directory)
+    scenes = write_shapes_examples(directory, count=6)
+    examples = [(path, f"shapes {index + 1}") for index, path in enumerate(scenes[:3])]
+
+    scene = Image.open(scenes[3]).convert("RGB")
+    background = scene.getpixel((0, 0))
+    alpha = Image.fromarray(np.where(np.all(np.asarray(scene) == background, axis=-1), 0, 255).astype(np.uint8))
+    rgba = scene.copy()
+    rgba.putalpha(alpha)  # transparent background: the model sees it composited on white
+    rgba.save(directory / "rgba_transparent.png")
+    examples.append((directory / "rgba_transparent.png", "RGBA, transparent background"))
+
+    Image.open(scenes[4]).convert("L").save(directory / "grayscale.png")
+    examples.append((directory / "grayscale.png", "grayscale"))
+
+    # Orientation 6 tells viewers to turn the stored pixels 90 degrees clockwise: store them turned the other way.
+    upright = Image.open(scenes[5]).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    sideways = upright.transpose(Image.Transpose.ROTATE_90)  # counter-clockwise
+    sideways.save(directory / "exif_rotated.jpg", quality=95, exif=exif)
+    examples.append((directory / "exif_rotated.jpg", "JPEG with EXIF rotation"))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_demo(
+    model_paths: Sequence[str], examples_dir: str | Path | None = None, time_limit: float = TIME_LIMIT_SECONDS
+) -> gr.Blocks:
+    """Load the models and build the Blocks app, queue configured; `launch_demo` serves it with the safe settings.
+
+    With no model paths the app still starts and explains how to get a model. `examples_dir` defaults to a new
+    temporary folder.
+    """
+    captioners = load_captioners(model_paths)
+    service = CaptionService(captioners, time_limit=time_limit)
+    first = next(iter(captioners.values()), None)
+    defaults = model_defaults(first)
+    if examples_dir is None:
+        examples_dir = tempfile.mkdtemp(prefix="imgcap-examples-")
+    examples = write_examples(examples_dir)
+
+    with gr.Blocks(
+        title="ImgCap-HF image captioning",
+        analytics_enabled=False,
+        delete_cache=(CACHE_MAX_AGE_SECONDS, CACHE_MAX_AGE_SECONDS),
+    ) as demo:
+        gr.Markdown(
+            "# ImgCap-HF: image captioning\n"
+            "A CNN encoder with an LSTM decoder, with soft attention (Show, Attend and Tell) or without (Show and "
+            "Tell). Upload a picture, take one with the webcam or paste one, then press **Caption**."
+        )
+        if not captioners:
+            gr.Markdown(NO_MODEL_MESSAGE)
+        model = gr.Dropdown(
+            choices=list(captioners), value=first.label if first else None, label="Model",
+            visible=len(captioners) > 1, interactive=True,
+        )  # fmt: skip
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    sources=["upload", "webcam", "clipboard"],
+                    label="Image",
+                    height=320,
+                    elem_id="image-input",
+                )
+                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                gr.Examples(
+                    examples=[[str(path)] for path, _ in examples], inputs=[image],
+                    label=f"Examples drawn by the app at start-up: {', '.join(label for _, label in examples)}",
+                )  # fmt: skip
+            with gr.Column():
+                caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
+                table = gr.Dataframe(
+                    headers=["caption", "score"], datatype=["str", "number"], column_widths=["82%", "18%"],
+                    label="Best captions", interactive=False, wrap=True,
+                )  # fmt: skip
+                heatmaps = gr.Gallery(
+                    label="Where the model looked, word by word (attention models only)", columns=5,
+                    object_fit="contain", height="auto", format="png", interactive=False,
+                )  # fmt: skip
+        with gr.Accordion("Advanced", open=False):
+            gr.Markdown(
+                "Scores are log-probabilities divided by length<sup>length penalty</sup>, which is what beam "
+                f"search ranks by. Captioning stops after {time_limit:g} seconds and returns what it has."
+            )
+            with gr.Row():
+                num_beams = gr.Slider(1, MAX_BEAMS, value=defaults.num_beams, step=1, label="Beam width")
+                max_new_tokens = gr.Slider(
+                    1, MAX_NEW_TOKENS, value=defaults.max_new_tokens, step=1, label="Max new tokens"
+                )
+                length_penalty = gr.Slider(
+                    *LENGTH_PENALTY_RANGE, value=defaults.length_penalty, step=0.1, label="Length penalty"
+                )
+                num_captions = gr.Slider(
+                    1, MAX_BEAMS, value=defaults.num_captions, step=1,
+                    label="Captions to show",
+                    info=f"at most the beam width; up to {MAX_BEAMS} when sampling with one beam",
+                )  # fmt: skip
+            with gr.Row():
+                do_sample = gr.Checkbox(value=False, label="Sample instead of searching")
+                temperature = gr.Slider(*TEMPERATURE_RANGE, value=defaults.temperature, step=0.05, label="Temperature")
+                top_p = gr.Slider(*TOP_P_RANGE, value=defaults.top_p, step=0.05, label="Top-p")
+                seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
+
+        # Both events skip Gradio's preprocessing (`preprocess=False`): the handlers get the raw upload, which
+        # `load_image` opens and checks (see `CaptionService._load`), and the raw numbers, which they clamp. Gradio's
+        # sliders would refuse an out-of-range value instead, and its image input would open the file itself.
+        button.click(
+            service.caption,
+            inputs=[image, model, num_beams, max_new_tokens, length_penalty, num_captions, do_sample, temperature,
+                    top_p, seed],
+            outputs=[caption, table, heatmaps],
+            api_name="caption",
+            preprocess=False,
+        )  # fmt: skip
+
+        # A second, API-only endpoint that Gradio batches: queued requests are captioned by one `generate` call.
+        batch_image = gr.Image(type="filepath", image_mode=None, visible=False)
+        batch_caption = gr.Textbox(visible=False)
+        batch_error = gr.Textbox(visible=False)
+        gr.Button(visible=False).click(
+            service.caption_batch, inputs=[batch_image], outputs=[batch_caption, batch_error],
+            api_name="caption_batch", batch=True, max_batch_size=MAX_BATCH_SIZE, preprocess=False,
+        )  # fmt: skip
+
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
+    return demo
+
+
+def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_lock: bool = False) -> None:
+    """Serve `demo` with the safe settings: no share link, tracebacks kept in the server log (only `gr.Error`
+    messages reach users), uploads capped, no monitoring endpoint, no run history (Gradio 6 can record every call,
+    the successor of flagging), no MCP server, client-side rendering."""
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        show_error=False,
+        max_file_size=MAX_FILE_SIZE,
+        enable_monitoring=False,
+        run_history=False,
+        mcp_server=False,
+        ssr_mode=False,
+        prevent_thread_lock=prevent_thread_lock,
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", action="append", default=None, metavar="DIR_OR_HUB_ID",
+        help="A model folder or Hub id; repeat for several. Default: $IMGCAP_MODELS (comma-separated), else "
+        "outputs/shapes-attention if it exists.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="Interface to listen on. Default: $GRADIO_SERVER_NAME, else 127.0.0.1 (this machine only).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--port", type=int, default=None, help="Default: $GRADIO_SERVER_PORT, else the first free port from 7860."
+    )
+    return parser.parse_args(argv)
+
+
+def resolve_model_paths(args: argparse.Namespace) -> list[str]:
+    """`--model` flags, else `IMGCAP_MODELS`, else the demo model if `make demo` has made it, else none."""
+    if args.model:
+        return args.model
+    from_environment = [name.strip() for name in os.environ.get("IMGCAP_MODELS", "").split(",") if name.strip()]
+    if from_environment:
+        return from_environment
+    return [str(DEFAULT_MODEL_DIR)] if (DEFAULT_MODEL_DIR / "config.json").is_file() else []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    model_paths = resolve_model_paths(args)
+    try:
+        demo = build_demo(model_paths)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot load the model(s) {', '.join(model_paths)}: {error}")
+        return 2
+    launch_demo(demo, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
