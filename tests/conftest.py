@@ -1,5 +1,6 @@
 """Shared test set-up: everything offline, seeded, and tiny."""
 
+import json
 import os
 from pathlib import Path
 
@@ -26,6 +27,36 @@ def flickr_captions() -> list[str]:
     with SHARED_CAPTIONS.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, skipinitialspace=True))
     return [row["comment"].strip() for row in rows if row.get("comment")]
+
+
+# The tiny encoder of the training tests, as the JSON that train.py's --vision_config takes.
+TINY_TRAIN_VISION = json.dumps(
+    {
+        "model_type": "resnet",
+        "layer_type": "basic",
+        "embedding_size": 8,
+        "depths": [1, 1, 1],
+        "hidden_sizes": [8, 16, 32],
+    }
+)
+
+
+def run_without_imgcap(script: str, tmp_path: Path) -> dict:
+    """Run `script` in a fresh interpreter where `import imgcap_hf` fails (as for a Hub user who has only the saved
+    folder), offline with its own HF_HOME; return the JSON object its last printed line holds."""
+    import json
+    import subprocess
+    import sys
+
+    guarded = 'import sys\nsys.modules["imgcap_hf"] = None  # any import of our package now raises ImportError\n'
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    environment.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", guarded + script], cwd=tmp_path, env=environment, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 TINY_RESNET = {"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 24, 32], "embedding_size": 8}

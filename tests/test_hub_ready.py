@@ -1,13 +1,11 @@
 """Hub-ready serialisation: the README's usage, Auto classes, remote code without our package, the pipeline."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import torch
+from conftest import run_without_imgcap
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
 
@@ -69,8 +67,7 @@ def test_remote_code_loads_and_captions_without_our_package(saved_tiny_captioner
 
     script = textwrap.dedent(
         f"""
-        import json, sys
-        sys.modules["imgcap_hf"] = None  # any import of our package now raises ImportError
+        import json
         from PIL import Image
         from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
         folder = {str(saved_tiny_captioner)!r}
@@ -86,13 +83,7 @@ def test_remote_code_loads_and_captions_without_our_package(saved_tiny_captioner
         }}))
         """
     )
-    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
-    environment.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = json.loads(result.stdout.strip().splitlines()[-1])
+    output = run_without_imgcap(script, tmp_path)
     assert output["module"].startswith("transformers_modules.")
     assert output["caption"] == output["tokenizer_caption"] == expected
 

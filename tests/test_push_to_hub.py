@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import yaml
+from conftest import TINY_TRAIN_VISION, run_without_imgcap
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image, ImageDraw
@@ -21,15 +22,6 @@ import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAS_APP = (REPO_ROOT / "app.py").is_file()
-TINY_VISION = json.dumps(
-    {
-        "model_type": "resnet",
-        "layer_type": "basic",
-        "embedding_size": 8,
-        "depths": [1, 1, 1],
-        "hidden_sizes": [8, 16, 32],
-    }
-)
 REPO_ID = "someone/tiny-captioner"
 SPACE_ID = "someone/tiny-captioner-demo"
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth")
@@ -62,7 +54,8 @@ def trained_run(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("run") / "tiny-attention"
     train.main(
         ["--output_dir", str(output_dir), "--decoder_type", "attention", "--shapes_num_train", "96",
-         "--shapes_num_eval", "16", "--image_size", "32", "--vision_config", TINY_VISION, "--region_grid_size", "2",
+         "--shapes_num_eval", "16", "--image_size", "32", "--vision_config", TINY_TRAIN_VISION,
+         "--region_grid_size", "2",
          "--hidden_size", "32", "--embedding_size", "16", "--attention_size", "16", "--per_device_train_batch_size",
          "8", "--num_beams", "2", "--max_new_tokens", "12", "--learning_rate", "1e-2", "--num_train_epochs", "1",
          "--with_tracking"]
@@ -120,8 +113,7 @@ def test_staged_model_captions_without_our_package(trained_run, dry_run, tmp_pat
 
     script = textwrap.dedent(
         f"""
-        import json, sys
-        sys.modules["imgcap_hf"] = None  # any import of our package now raises ImportError
+        import json
         from PIL import Image
         from transformers import AutoModelForImageTextToText, AutoProcessor
         folder = {str(dry_run / "model")!r}
@@ -132,13 +124,7 @@ def test_staged_model_captions_without_our_package(trained_run, dry_run, tmp_pat
                            "caption": processor.batch_decode(ids, skip_special_tokens=True)[0]}}))
         """
     )
-    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
-    environment.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = json.loads(result.stdout.strip().splitlines()[-1])
+    output = run_without_imgcap(script, tmp_path)
     assert output["module"].startswith("transformers_modules.")
     assert output["caption"] == expected and expected.strip()
 

@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TRAIN_VISION
 from safetensors.torch import load_file
 
 import train
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_VISION = json.dumps(
-    {
-        "model_type": "resnet",
-        "layer_type": "basic",
-        "embedding_size": 8,
-        "depths": [1, 1, 1],
-        "hidden_sizes": [8, 16, 32],
-    }
-)
 
 
 def tiny_args(output_dir: Path, decoder_type: str = "attention", *extra: str) -> list[str]:
@@ -31,7 +23,7 @@ def tiny_args(output_dir: Path, decoder_type: str = "attention", *extra: str) ->
     return [
         "--output_dir", str(output_dir), "--decoder_type", decoder_type,
         "--shapes_num_train", "96", "--shapes_num_eval", "16", "--image_size", "32",
-        "--vision_config", TINY_VISION, "--region_grid_size", "2",
+        "--vision_config", TINY_TRAIN_VISION, "--region_grid_size", "2",
         "--hidden_size", "32", "--embedding_size", "16", "--attention_size", "16", "--image_head_size", "16",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
         "--num_beams", "2", "--max_new_tokens", "12", "--num_warmup_steps", "0", "--learning_rate", "1e-2",
@@ -113,7 +105,9 @@ def test_non_finite_losses_are_skipped_counted_and_stop_training(tmp_path):
     """A corrupted pretrained backbone (NaN weights) makes every loss NaN: skipped, counted, stopped, nothing saved."""
     from transformers import ResNetConfig, ResNetModel
 
-    backbone = ResNetModel(ResNetConfig(**{k: v for k, v in json.loads(TINY_VISION).items() if k != "model_type"}))
+    backbone = ResNetModel(
+        ResNetConfig(**{k: v for k, v in json.loads(TINY_TRAIN_VISION).items() if k != "model_type"})
+    )
     with torch.no_grad():
         next(backbone.parameters()).fill_(float("nan"))
     backbone.save_pretrained(tmp_path / "broken-backbone")
