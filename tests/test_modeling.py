@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModel, ResNetConfig, ResNetForImageClassification, ResNetModel
 
 from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
+from imgcap_hf.modeling_imgcap import _lstm_cell
 
 VOCAB_SIZE = 40
 DECODER_TYPES = ["attention", "lstm"]
@@ -156,6 +157,56 @@ def test_unfrozen_encoder_is_trained_and_frozen_batchnorm_stays_in_eval_mode():
             assert torch.equal(value, statistics[key]), key
 
 
+def _per_step_autograd_loss(model, images, labels):
+    """The attention decoder's training loss built from plain per-step products (`step` without prepared weights),
+    so autograd computes every weight's gradient at each step the usual way."""
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)
+    state = model._initial_state(model.get_encoder()(images).last_hidden_state)
+    step_logits = []
+    for t in range(decoder_input_ids.shape[1]):
+        logits, _, _, state = model.decoder.step(decoder_input_ids[:, t], state)
+        step_logits.append(logits)
+    logits = torch.stack(step_logits, dim=1)  # (batch, steps, vocab)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_weight_gradients_gathered_once_per_pass_equal_per_step_autograd(autocast):
+    """Training computes each decoder weight's gradient once for all steps (`_SharedStepWeight`): same gradients as
+    autograd's per-step ones, also under bf16 autocast (where both round to bf16 products)."""
+    model = tiny_model("attention").train()
+    images, labels = random_images(), random_labels(length=9)
+    labels[0, 5:] = -100  # padding positions contribute nothing in either
+
+    def gradients_of(compute_loss) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = compute_loss()
+        loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    gathered = gradients_of(lambda: model(pixel_values=images, labels=labels).loss)
+    per_step = gradients_of(lambda: _per_step_autograd_loss(model, images, labels))
+    assert gathered.keys() == per_step.keys()
+    # bf16 products sum in another order in the two: allow 3% of the gradient's largest entry (a step left out of the
+    # sum changes the cell and output weights' gradients by 20-60%).
+    tolerance = 3e-2 if autocast else 1e-5
+    for name in gathered:
+        largest = per_step[name].abs().max()
+        assert (gathered[name] - per_step[name]).abs().max() <= tolerance * largest, name
+
+
+def test_decoder_cells_compute_what_nn_lstmcell_computes():
+    """The decoder's cell arithmetic reads `nn.LSTMCell` weights (saved checkpoints keep that layout)."""
+    model = tiny_model("attention")
+    cell = model.decoder.cells[0]
+    inputs, hidden, cell_state = (torch.randn(4, size) for size in (cell.input_size, 32, 32))
+    weights = model.decoder.step_weights(gather_gradients=False)
+    input_matmul, hidden_matmul, bias = weights.cells[0]
+    ours = _lstm_cell(inputs, hidden, cell_state, input_matmul, hidden_matmul, bias)
+    torch.testing.assert_close(ours, cell(inputs, (hidden, cell_state)))
+
+
 @pytest.mark.parametrize("decoder_type", DECODER_TYPES)
 def test_step_by_step_decoding_equals_the_teacher_forced_forward(decoder_type):
     model = tiny_model(decoder_type)
@@ -223,8 +274,9 @@ def test_max_pooling_reads_the_strongest_region():
     torch.testing.assert_close(max_state.hidden[:, 1], mean_state.hidden[:, 1])
 
 
-def test_one_encoder_pass_serves_several_captions_per_image():
-    model = tiny_model("attention")
+@pytest.mark.parametrize("decoder_type", ["attention", "lstm"])
+def test_one_encoder_pass_serves_several_captions_per_image(decoder_type):
+    model = tiny_model(decoder_type)
     images, labels = random_images(batch_size=2), random_labels(batch_size=4)
     image_indices = torch.tensor([0, 0, 1, 1])
     shared = model(pixel_values=images, labels=labels, image_indices=image_indices)
@@ -236,6 +288,19 @@ def test_one_encoder_pass_serves_several_captions_per_image():
 # --------------------------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def test_beam_search_projects_each_image_for_attention_once_not_once_per_beam():
+    """The image-only work of the first step (the regions' attention projection) runs on one row per image."""
+    model = tiny_model("attention")
+    projected_rows = []
+    model.decoder.attention.region_projection.register_forward_hook(
+        lambda module, inputs, output: projected_rows.append(inputs[0].shape[0])
+    )
+    sequences = model.generate(
+        pixel_values=random_images(batch_size=2), num_beams=3, num_return_sequences=3, max_new_tokens=5
+    )
+    assert projected_rows == [2] and sequences.shape[0] == 6
 
 
 @pytest.mark.parametrize("decoder_type", DECODER_TYPES)
