@@ -39,6 +39,7 @@ from imgcap_hf import (
     ImgCapImageProcessor,
     ImgCapProcessor,
     ImgCapTokenizer,
+    checkpointing,
 )
 from imgcap_hf.batching import ImageCaptionCollator, encode_images, image_inputs, tokenize_captions
 from imgcap_hf.data import load_caption_dataset
@@ -48,6 +49,7 @@ logger = get_logger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_attention.yaml"
 CHECKPOINTS_DIR = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"  # one JSON line per optimizer step: step, epoch, loss, lr
 BEST_MODEL_DIR = "best_model"
 
 
@@ -167,64 +169,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ====================================================================================================================
-# Checkpoints: written to a temporary folder and renamed, so a folder named checkpoint-N is always complete
+# Checkpoints: safetensors and JSON only (imgcap_hf/checkpointing.py), complete or ignored, never unpickled
 # ====================================================================================================================
 
 
 class TrainingProgress:
-    """Where training stands; saved in every checkpoint (accelerate's `save_state` does not record it)."""
+    """Where training stands; saved as JSON in every checkpoint."""
 
     def __init__(self):
         self.epoch = 0
         self.step_in_epoch = 0  # optimizer steps done in the current epoch
         self.completed_steps = 0
+        self.epoch_loss_sum = 0.0  # finite batch losses of the current epoch, so a resumed epoch's mean is the same
+        self.epoch_loss_count = 0
         self.best_cider = -math.inf
         self.best_step = None
         self.nonfinite_losses = 0
         self.history = []  # one entry per epoch: train loss and validation metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        state = dict(vars(self))
+        state["best_cider"] = None if self.best_step is None else self.best_cider  # standard JSON has no -inf
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         vars(self).update(state)
+        if self.best_cider is None:
+            self.best_cider = -math.inf
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary `.tmp` folders of interrupted writes are ignored)."""
-    folder = output_dir / CHECKPOINTS_DIR
-    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    final = output_dir / CHECKPOINTS_DIR / f"checkpoint-{step}"
-    staging = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        # Old checkpoints go only after the new one is complete (accelerate's own limit deletes them first).
-        if total_limit:
-            for old in checkpoint_dirs(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
+    """Complete checkpoints, oldest first (`.tmp` folders of interrupted writes and manifest-less folders ignored)."""
+    return checkpointing.list_checkpoints(output_dir / CHECKPOINTS_DIR)
 
 
 def resolve_resume_dir(output_dir: Path, resume_from_checkpoint: str) -> Path | None:
-    if resume_from_checkpoint != "latest":
-        path = Path(resume_from_checkpoint)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
-        return path
-    complete = checkpoint_dirs(output_dir)
-    return complete[-1] if complete else None
+    """`latest`: the newest complete checkpoint (None if there is none). A folder: verified now, so an incomplete,
+    unknown or pickled one is refused with one sentence before anything is loaded."""
+    if resume_from_checkpoint == "latest":
+        return checkpointing.latest_checkpoint(output_dir / CHECKPOINTS_DIR)
+    path = Path(resume_from_checkpoint)
+    checkpointing.verify_checkpoint(path)
+    return path
+
+
+def open_train_log(path: Path, resumed_step: int | None):
+    """The per-step loss log (JSON lines), opened for appending. A resumed run keeps the lines up to its checkpoint's
+    step (the steps after it are trained again); a fresh run starts an empty log."""
+    kept = []
+    if resumed_step is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill
+            if entry["step"] > resumed_step:
+                break
+            kept.append(line + "\n")
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(kept))
+    os.replace(staging, path)
+    return path.open("a")
 
 
 def save_model_atomically(model, processor, generation_kwargs: dict[str, Any], target: Path) -> None:
@@ -325,11 +330,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("ok")  # fail now, not after an hour of training, if the folder is not writable
-        probe.unlink()
+        # Fail now, not after an hour of training, if the folder cannot be written.
+        checkpointing.check_output_dir_writable(output_dir)
+        for leftover in checkpointing.clean_interrupted(output_dir / CHECKPOINTS_DIR):
+            logger.info(f"Removed {leftover}, left by an interrupted checkpoint write or deletion")
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+    if args.resume_from_checkpoint not in (None, "latest"):
+        checkpointing.verify_checkpoint(Path(args.resume_from_checkpoint))  # refuse a bad folder before any work
     accelerator.wait_for_everyone()
     set_seed(args.seed)
 
@@ -350,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(args, vocab_size=len(tokenizer))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    # Before any image is encoded or step taken: is there room for a checkpoint, the best and the final model?
+    checkpointing.check_free_space(output_dir, checkpointing.estimate_run_bytes(model))
     generation_kwargs = {
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
@@ -378,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         num_workers=args.dataloader_num_workers,
         # Its own generator: creating an iterator must not draw from the global RNG, or a run resumed mid-epoch
-        # (which creates one more iterator) would get different dropout and teacher-forcing draws.
+        # (which creates one more iterator) would get different dropout and teacher-forcing draws. It also seeds the
+        # workers: each epoch's iterator draws their base seed from it (torch seeds `random`, numpy and torch there).
         generator=torch.Generator().manual_seed(args.seed),
     )
     optimizer = torch.optim.AdamW(
@@ -401,18 +411,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     training_forward = torch.compile(model) if args.torch_compile else model
 
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
     if args.with_tracking:
         accelerator.init_trackers("imgcap", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
 
     # ---- Resume --------------------------------------------------------------------------------------------------
+    resumed_step = None
     if args.resume_from_checkpoint:
         resume_dir = resolve_resume_dir(output_dir, args.resume_from_checkpoint)
         if resume_dir is None:
             logger.info("No complete checkpoint to resume from: starting from scratch")
         else:
-            accelerator.load_state(str(resume_dir))
+            progress.load_state_dict(
+                checkpointing.load_checkpoint(accelerator, resume_dir, model, optimizer, scheduler)
+            )
+            resumed_step = progress.completed_steps
             logger.info(f"Resumed from {resume_dir} at step {progress.completed_steps} (epoch {progress.epoch})")
+    train_log = open_train_log(output_dir / TRAIN_LOG, resumed_step) if accelerator.is_main_process else None
+
+    def save_checkpoint():
+        checkpointing.save_checkpoint(
+            accelerator, output_dir / CHECKPOINTS_DIR, progress.completed_steps, model, optimizer, scheduler,
+            progress.state_dict(), total_limit=args.checkpoints_total_limit,
+        )  # fmt: skip
 
     logger.info("***** Running training *****")
     logger.info(f"  Images = {len(splits['train'])}, captions = {len(train_captions)}, epochs = {num_epochs}")
@@ -437,14 +457,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batches = accelerator.skip_first_batches(
                 train_dataloader, progress.step_in_epoch * args.gradient_accumulation_steps
             )
-        epoch_loss, epoch_batches = 0.0, 0
+        step_losses = []  # mean loss over the processes, per micro-batch of the current optimizer step
         for batch in batches:
             with accelerator.accumulate(model):
                 loss = training_forward(
                     **image_inputs(batch), labels=batch["labels"], image_indices=batch["image_indices"]
                 ).loss
                 # Every process must take the same decision, or DDP would wait forever for the skipped backward.
-                all_finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
+                losses = accelerator.gather(loss.detach().float().reshape(1))  # (processes,)
+                all_finite = bool(torch.isfinite(losses).all())
                 if all_finite:
                     consecutive_nonfinite = 0
                     accelerator.backward(loss)
@@ -453,8 +474,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
-                    epoch_loss += loss.item()
-                    epoch_batches += 1
+                    step_losses.append(losses.mean().item())
+                    progress.epoch_loss_sum += loss.item()
+                    progress.epoch_loss_count += 1
                 else:
                     consecutive_nonfinite += 1
                     progress.nonfinite_losses += 1
@@ -468,19 +490,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             progress.step_in_epoch += 1  # batches consumed in this epoch, to skip them when resuming
             if not all_finite:
+                step_losses = []
                 continue  # no optimizer update happened: not a completed step
             progress.completed_steps += 1
+            step_loss, step_losses = sum(step_losses) / max(len(step_losses), 1), []
             progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{loss.item():.3f}")
+            progress_bar.set_postfix(loss=f"{step_loss:.3f}")
+            if train_log is not None:
+                entry = {"step": progress.completed_steps, "epoch": progress.epoch, "loss": step_loss,
+                         "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+                train_log.write(json.dumps(entry) + "\n")
+                train_log.flush()
             if args.with_tracking:
-                accelerator.log(
-                    {"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, progress.completed_steps
-                )
+                accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, progress.completed_steps)
             if (
                 str(args.checkpointing_steps).isdigit()
                 and progress.completed_steps % int(args.checkpointing_steps) == 0
             ):
-                save_checkpoint(accelerator, output_dir, progress.completed_steps, args.checkpoints_total_limit)
+                save_checkpoint()
             if progress.completed_steps >= args.max_train_steps:
                 break
 
@@ -494,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
             features=features.get("validation"),
         )  # fmt: skip
-        mean_loss = epoch_loss / max(epoch_batches, 1)
+        mean_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
         progress.history.append(
             {"epoch": progress.epoch, "step": progress.completed_steps, "train_loss": mean_loss, **metrics}
         )
@@ -512,9 +539,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
         progress.epoch += 1
         progress.step_in_epoch = 0
+        progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, output_dir, progress.completed_steps, args.checkpoints_total_limit)
+            save_checkpoint()
     progress_bar.close()
+    if train_log is not None:
+        train_log.close()
     accelerator.wait_for_everyone()
     if stopped_early:
         # Neither evaluate nor save a diverged model: the best model and the checkpoints stay as they were.
@@ -531,7 +561,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     final_model = accelerator.unwrap_model(model)
     best_dir = output_dir / BEST_MODEL_DIR
     if (best_dir / "model.safetensors").is_file():
-        final_model = ImgCapForConditionalGeneration.from_pretrained(best_dir).to(accelerator.device)
+        final_model = ImgCapForConditionalGeneration.from_pretrained(best_dir, use_safetensors=True)
+        final_model = final_model.to(accelerator.device)
     test_metrics, test_captions = evaluate_split(
         accelerator, final_model, tokenizer, image_processor, splits["test"],
         batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
@@ -577,5 +608,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    results = main()
+    try:
+        results = main()
+    except (checkpointing.CheckpointError, checkpointing.CheckpointWriteError, checkpointing.PreflightError) as error:
+        # One clear sentence, not a traceback: the cause is the folder, not the code.
+        logging.getLogger("train").error(f"Training stopped: {error}")
+        sys.exit(2)
     sys.exit(1 if results["stopped_early"] else 0)

@@ -41,6 +41,19 @@ TINY_TRAIN_VISION = json.dumps(
 )
 
 
+def tiny_args(output_dir: Path, decoder_type: str = "attention", *extra: str) -> list[str]:
+    """The shapes recipe, shrunk: 96 training images, a tiny ResNet and decoder, greedy evaluation."""
+    return [
+        "--output_dir", str(output_dir), "--decoder_type", decoder_type,
+        "--shapes_num_train", "96", "--shapes_num_eval", "16", "--image_size", "32",
+        "--vision_config", TINY_TRAIN_VISION, "--region_grid_size", "2",
+        "--hidden_size", "32", "--embedding_size", "16", "--attention_size", "16", "--image_head_size", "16",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--num_beams", "2", "--max_new_tokens", "12", "--num_warmup_steps", "0", "--learning_rate", "1e-2",
+        *extra,
+    ]  # fmt: skip
+
+
 def run_without_imgcap(script: str, tmp_path: Path) -> dict:
     """Run `script` in a fresh interpreter where `import imgcap_hf` fails (as for a Hub user who has only the saved
     folder), offline with its own HF_HOME; return the JSON object its last printed line holds."""
@@ -96,6 +109,20 @@ def saved_tiny_captioner(request, tmp_path_factory) -> Path:
     """A tiny captioner saved with `save_pretrained` (model + processor), one per decoder type."""
     model, processor = build_tiny_captioner(request.param)
     directory = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    model.generation_config.update(max_new_tokens=8, num_beams=2)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_attention_captioner(tmp_path_factory) -> Path:
+    """One tiny attention captioner saved like `saved_tiny_captioner`, for tests that need a single served model.
+
+    Seed 4 gives captions that differ from picture to picture (seed 0 says "l" to nearly everything), so a caption
+    delivered to the wrong request is noticed."""
+    model, processor = build_tiny_captioner("attention", seed=4)
+    directory = tmp_path_factory.mktemp("tiny-attention-served")
     model.generation_config.update(max_new_tokens=8, num_beams=2)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -9,26 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN_VISION
+from conftest import TINY_TRAIN_VISION, tiny_args
 from safetensors.torch import load_file
 
 import train
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
+from imgcap_hf.checkpointing import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_args(output_dir: Path, decoder_type: str = "attention", *extra: str) -> list[str]:
-    """The shapes recipe, shrunk: 96 training images, a tiny ResNet and decoder, greedy evaluation."""
-    return [
-        "--output_dir", str(output_dir), "--decoder_type", decoder_type,
-        "--shapes_num_train", "96", "--shapes_num_eval", "16", "--image_size", "32",
-        "--vision_config", TINY_TRAIN_VISION, "--region_grid_size", "2",
-        "--hidden_size", "32", "--embedding_size", "16", "--attention_size", "16", "--image_head_size", "16",
-        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
-        "--num_beams", "2", "--max_new_tokens", "12", "--num_warmup_steps", "0", "--learning_rate", "1e-2",
-        *extra,
-    ]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -87,18 +75,23 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     assert final_straight.keys() == final_resumed.keys()
     for key in final_straight:
         assert torch.equal(final_straight[key], final_resumed[key]), key
-    assert json.loads((straight / "all_results.json").read_text())["test_cider"] == pytest.approx(
-        json.loads((resumed / "all_results.json").read_text())["test_cider"]
-    )
+    straight_results = json.loads((straight / "all_results.json").read_text())
+    resumed_results = json.loads((resumed / "all_results.json").read_text())
+    assert straight_results["test_cider"] == pytest.approx(resumed_results["test_cider"])
+    assert straight_results["history"] == resumed_results["history"]  # the resumed epoch's mean loss included
 
 
 def test_latest_checkpoint_ignores_interrupted_writes(tmp_path):
+    """Only folders with a manifest count; `.tmp` staging folders and manifest-less folders are skipped (more cases:
+    tests/reliability/test_training_faults.py)."""
     checkpoints = tmp_path / "checkpoints"
-    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-x"):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "checkpoint-14", "checkpoint-x"):
         (checkpoints / name).mkdir(parents=True)
-    assert train.resolve_resume_dir(tmp_path, "latest") == checkpoints / "checkpoint-10"
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    assert train.resolve_resume_dir(tmp_path, "latest") is None  # none of them has a checkpoint.json
+    with pytest.raises(CheckpointError, match="no such folder"):
         train.resolve_resume_dir(tmp_path, str(tmp_path / "missing"))
+    with pytest.raises(CheckpointError, match="no checkpoint.json"):
+        train.resolve_resume_dir(tmp_path, str(checkpoints / "checkpoint-14"))
 
 
 def test_non_finite_losses_are_skipped_counted_and_stop_training(tmp_path):
