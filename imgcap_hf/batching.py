@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import datasets
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers.modeling_outputs import BaseModelOutput
+
+from .image_processing_imgcap import load_image
 
 
 def tokenize_captions(tokenizer, split: Dataset, max_length: int) -> list[list[list[int]]]:
@@ -34,6 +37,12 @@ class ImageCaptionCollator:
     Returns `image_rows` (the rows, to find references and ids again), then either `encoder_features` (from
     `features`, a tensor indexed by row) or `pixel_values` (images run through `image_processor`), and when
     `caption_ids` are given, `labels` (each caption without `<sos>`, padded with -100) with `image_indices`.
+
+    Image files are opened with `load_image(file, min_side=image_processor.load_min_side)`, exactly as the CLI and
+    the pipeline open them: the same EXIF rotation, first frame of an animation and RGB conversion, and a large JPEG
+    decoded at a reduced scale (memory bounded by `load_image`'s pixel limit), so training and serving see the same
+    pixels. Unreadable files should have been dropped by `load_caption_dataset` (`verify_images=True`, its default);
+    one that is still there stops the batch with a `ValueError` naming its row, id and what is wrong.
     """
 
     def __init__(
@@ -47,14 +56,19 @@ class ImageCaptionCollator:
         self.image_processor = image_processor
         self.caption_ids = caption_ids
         self.features = features
+        self.min_side = getattr(image_processor, "load_min_side", None)
+        # The same rows with the image column undecoded (`{"bytes", "path"}`), for `load_image`; a column of
+        # anything else (e.g. PIL images from `Dataset.from_dict` without features) goes to the processor as it is.
+        self._files = None
+        if features is None and isinstance(split.features.get("image"), datasets.Image):
+            self._files = split.cast_column("image", datasets.Image(decode=False))
 
     def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         batch = {"image_rows": torch.tensor(rows, dtype=torch.long)}
         if self.features is not None:
             batch["encoder_features"] = self.features[rows].float()  # (images, regions, feature_size)
         else:
-            images = self.split[rows]["image"]  # PIL images in any mode: the processor converts them to RGB
-            batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+            batch["pixel_values"] = self.image_processor(self.load_images(rows), return_tensors="pt")["pixel_values"]
         if self.caption_ids is not None:
             labels, image_indices = [], []
             for position, row in enumerate(rows):
@@ -65,6 +79,25 @@ class ImageCaptionCollator:
             batch["labels"] = torch.tensor([ids + [-100] * (longest - len(ids)) for ids in labels])
             batch["image_indices"] = torch.tensor(image_indices, dtype=torch.long)
         return batch
+
+    def load_images(self, rows: list[int]) -> list:
+        """The images of `rows`, opened like serving opens them (see the class docstring)."""
+        if self._files is None:
+            return self.split[rows]["image"]  # PIL images in any mode: the processor converts them to RGB
+        files = self._files[rows]
+        images = []
+        for row, image_id, file in zip(rows, files.get("image_id", [None] * len(rows)), files["image"]):
+            try:
+                images.append(
+                    load_image(file["bytes"] if file["bytes"] is not None else file["path"], min_side=self.min_side)
+                )
+            except ValueError as error:
+                name = f"row {row}" if image_id is None else f"row {row} ({image_id})"
+                raise ValueError(
+                    f"Image {name} cannot be used: {error} Load the dataset with verify_images=True to drop such "
+                    "files."
+                ) from error
+        return images
 
 
 def image_inputs(batch: dict[str, torch.Tensor]) -> dict[str, object]:

@@ -3,8 +3,11 @@
     python -m imgcap_hf caption --model DIR_OR_ID [--num_beams N] [--max_new_tokens N] IMAGE...
     python -m imgcap_hf evaluate --model DIR_OR_ID --dataset NAME_OR_PATH [--split test] [--num_beams N]
 
-`caption` prints one JSON object per line, `{"image": PATH, "caption": TEXT}`, or `{"image": PATH, "error": TEXT}`
-for a file that is not a usable image (the exit status is then 1, after every other image has been captioned).
+`caption` prints one JSON object per image, in the order given: `{"image": PATH, "caption": TEXT}`, or
+`{"image": PATH, "error": TEXT}` for a file that is not a usable image (missing, empty, not an image, truncated,
+a decompression bomb...), whose one-sentence error names the file. The other images are still captioned, and the exit
+status is then 1. A model folder that cannot be used (missing or mismatched files, pickle-only weights) stops the
+command before any image is read: one `error: ...` line on stderr and exit status 2.
 `evaluate` prints one JSON object with `bleu_1`..`bleu_4`, `cider`, `rouge_l` (and `meteor` where Java is available)
 and `num_images`.
 """
@@ -19,8 +22,7 @@ import torch
 
 from .data import load_caption_dataset
 from .image_processing_imgcap import load_image
-from .modeling_imgcap import ImgCapForConditionalGeneration
-from .processing_imgcap import ImgCapProcessor
+from .loading import load_captioner
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_captioner(name_or_path: str, device: str) -> tuple[ImgCapForConditionalGeneration, ImgCapProcessor]:
-    model = ImgCapForConditionalGeneration.from_pretrained(name_or_path).to(device).eval()
-    processor = ImgCapProcessor.from_pretrained(name_or_path)
-    return model, processor
-
-
 def generation_kwargs(args: argparse.Namespace) -> dict[str, int]:
     """Only what the user set: the rest comes from the model's saved generation config."""
     return {
@@ -64,21 +60,28 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, int]:
 
 def run_caption(args: argparse.Namespace) -> int:
     model, processor = load_captioner(args.model, args.device)
+    min_side = processor.image_processor.load_min_side  # the reduced JPEG decode that training uses too
     failures = 0
-    loaded = []
-    for path in args.images:
-        try:
-            loaded.append((path, load_image(path)))
-        except ValueError as error:
-            failures += 1
-            print(json.dumps({"image": path, "error": str(error)}, ensure_ascii=False), flush=True)
-    for start in range(0, len(loaded), args.batch_size):
-        chunk = loaded[start : start + args.batch_size]
-        inputs = processor(images=[image for _, image in chunk], return_tensors="pt").to(args.device)
-        with torch.no_grad():
-            sequences = model.generate(**inputs, **generation_kwargs(args))
-        for (path, _), text in zip(chunk, processor.batch_decode(sequences, skip_special_tokens=True)):
-            print(json.dumps({"image": path, "caption": text}, ensure_ascii=False), flush=True)
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start : start + args.batch_size]
+        images, errors = {}, {}
+        for path in paths:
+            try:
+                images[path] = load_image(path, min_side=min_side)
+            except ValueError as error:  # one sentence naming the file; the other images go on
+                errors[path] = str(error)
+        captions = {}
+        if images:
+            inputs = processor(images=list(images.values()), return_tensors="pt").to(args.device)
+            with torch.no_grad():
+                sequences = model.generate(**inputs, **generation_kwargs(args))
+            captions = dict(zip(images, processor.batch_decode(sequences, skip_special_tokens=True)))
+        for path in paths:
+            result = {"image": path, "caption": captions[path]} if path in captions else {"image": path}
+            if path in errors:
+                failures += 1
+                result["error"] = errors[path]
+            print(json.dumps(result, ensure_ascii=False), flush=True)
     return 1 if failures else 0
 
 
@@ -111,6 +114,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "caption":
-        return run_caption(args)
-    return run_evaluate(args)
+    try:
+        if args.command == "caption":
+            return run_caption(args)
+        return run_evaluate(args)
+    except ValueError as error:  # an unusable model folder or dataset: one sentence, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2

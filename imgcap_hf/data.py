@@ -40,6 +40,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value
 from PIL import Image, ImageDraw
 
+from .image_processing_imgcap import load_image
+
 SPLITS = ("train", "validation", "test")
 CAPTION_FEATURES = Features(
     {"image_id": Value("string"), "image": datasets.Image(), "captions": List(Value("string"))}
@@ -581,8 +583,11 @@ def filter_unreadable_images(
     """Decode every image once and drop the rows whose image fails, recording them in `report`.
 
     datasets decodes images only when a row is read, so a truncated JPEG or a text file named `.jpg` would
-    otherwise crash training in the middle of an epoch. Cost: about 1.4 ms per Flickr30k-sized JPEG on one core
-    (about 45 s for the 31,783 images of Flickr30k); `num_proc` processes share the work.
+    otherwise crash training in the middle of an epoch. The check is `load_image`'s, the one serving applies: empty
+    files, non-images (SVG, text, random bytes), truncated or corrupt files, decompression bombs (more pixels than
+    Pillow's limit) and images over `DEFAULT_MAX_PIXELS` are all dropped, each reported with its id and the reason.
+    Cost: about 1.4 ms per Flickr30k-sized JPEG on one core (about 45 s for the 31,783 images of Flickr30k);
+    `num_proc` processes share the work.
     """
     kept = {}
     for split, dataset in dataset_dict.items():
@@ -616,11 +621,16 @@ def _decoding_problems(images: list[dict[str, Any]]) -> dict[str, list[str]]:
     problems = []
     for image in images:
         try:
-            source = io.BytesIO(image["bytes"]) if image["bytes"] is not None else image["path"]
-            with Image.open(source) as opened:
-                opened.load()  # `open` reads only the header: truncation shows up when the pixels are decoded
+            # `load_image` decodes every pixel (`open` reads only the header: truncation shows when decoding) and
+            # applies the same size limits as serving.
+            load_image(image["bytes"] if image["bytes"] is not None else image["path"])
             problems.append("")
-        except Exception as error:  # any failure means unusable; Pillow raises OSError, SyntaxError, EOFError, ...
+        except ValueError as error:
+            # Pillow's own error where it raised one (what the report always showed), else load_image's sentence
+            # (an empty file, or more pixels than allowed).
+            cause = error.__cause__
+            problems.append((f"{type(cause).__name__}: {cause}" if cause is not None else str(error))[:200])
+        except Exception as error:  # anything else still means unusable, and must not stop the check
             problems.append(f"{type(error).__name__}: {error}"[:200])
     return {"problem": problems}
 

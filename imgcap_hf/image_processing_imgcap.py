@@ -11,7 +11,6 @@ Three public pieces, meant to be shared by training, evaluation and serving so t
 
 import io
 import os
-import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +25,11 @@ from transformers.processing_utils import ImagesKwargs
 # Pixels one image may have once decoded: above any common camera (48-50 MP phones and DSLRs) and about 150 MB as
 # RGB. Pillow's own decompression-bomb threshold (`Image.MAX_IMAGE_PIXELS`, about 89.5 MP) applies on top.
 DEFAULT_MAX_PIXELS = 50_000_000
+
+# Longest long-side-to-short-side ratio kept before the resize. A longer image is trimmed to its middle part first:
+# resizing its short side to 256 would otherwise make a huge strip (a 1 x 20,000 PNG of a few hundred bytes would
+# become 256 x 5,120,000 pixels, about 4 GB) of which the centre crop keeps only the middle square anyway.
+MAX_ASPECT_RATIO = 4
 
 # Channel counts an array may have: grey, RGB, RGB + alpha.
 _CHANNEL_COUNTS = (1, 3, 4)
@@ -144,6 +148,19 @@ def _scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.round(values).astype(np.uint8)
 
 
+def _trim_to_aspect_ratio(image: np.ndarray, max_ratio: int) -> np.ndarray:
+    """The middle part of a `(C, H, W)` image whose long side is at most `max_ratio` times its short side (a view)."""
+    _, height, width = image.shape
+    keep = max_ratio * min(height, width)
+    if height > keep:
+        top = (height - keep) // 2
+        image = image[:, top : top + keep, :]
+    if width > keep:
+        left = (width - keep) // 2
+        image = image[:, :, left : left + keep]
+    return image
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Safe loading from files and bytes
 # ---------------------------------------------------------------------------------------------------------------------
@@ -164,8 +181,12 @@ def load_image(
     Args:
         source: a file path, the file's bytes, or a file object opened in binary mode (read to the end).
         max_pixels: refuse images that would decode to more pixels than this, a guard against decompression bombs
-            (a few hundred bytes of PNG can declare gigapixels). Pillow's own `DecompressionBombWarning` (above
-            `Image.MAX_IMAGE_PIXELS`) is treated as an error too, so raising `max_pixels` above that has no effect.
+            (a few hundred bytes of PNG can declare gigapixels). An image whose header declares more than Pillow's
+            `Image.MAX_IMAGE_PIXELS` (where Pillow warns with `DecompressionBombWarning`) is refused too, whatever
+            `max_pixels` says, so raising `max_pixels` above that has no effect. The check is done here, on the
+            header's size and before any pixel is decoded, without touching the process-wide warning filters, so
+            `load_image` is safe to call from many threads at once (Pillow still emits its warning, once per process
+            under Python's default filters).
         min_side: when set, JPEGs are decoded at the smallest reduced scale (1/2, 1/4 or 1/8, done by the JPEG
             decoder itself, so memory and time shrink too) that keeps both sides at least `min_side` pixels. Pass
             the processor's resize edge (e.g. 256) when only a model input is needed; leave `None` to keep full size.
@@ -177,23 +198,30 @@ def load_image(
         ValueError: the file is missing, empty, not an image, corrupt or too large.
     """
     label, openable = _openable(source)
+    bomb_message = (
+        f"Cannot read image {label}: it declares more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+        "(possible decompression bomb)."
+    )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(openable)
+        # No `warnings.catch_warnings()` here: it swaps process-wide state and is not thread-safe (the app loads
+        # images from several worker threads). Pillow's warning limit is checked below instead.
+        image = Image.open(openable)
     except UnidentifiedImageError as error:
         raise ValueError(
             f"Cannot read image {label}: it is not in an image format Pillow can decode (JPEG, PNG, GIF, WebP, ...)."
         ) from error
+    # DecompressionBombWarning arrives as an exception only where the caller's filters say "error".
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ValueError(
-            f"Cannot read image {label}: it declares more than Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
-            "(possible decompression bomb)."
-        ) from error
+        raise ValueError(bomb_message) from error
     except OSError as error:
-        raise ValueError(f"Cannot read image {label}: {error.strerror or error}.") from error
+        # An errno means the file system refused (permissions, ...); none means Pillow could not parse the header.
+        reason = error.strerror if error.errno is not None else f"it is truncated or corrupt ({error})"
+        raise ValueError(f"Cannot read image {label}: {reason}.") from error
 
     with image:
+        width, height = image.size
+        if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(bomb_message)  # where Pillow only warns: refused like its error
         if min_side is not None and image.format in ("JPEG", "MPO"):  # MPO: the JPEG variant many cameras write
             image.draft(None, (min_side, min_side))
         width, height = image.size
@@ -257,7 +285,9 @@ class ImgCapImageProcessor(PilBackend):
     r"""
     ImageNet evaluation preprocessing, as microsoft/resnet-50 was evaluated: resize the shortest edge to
     `crop_size / crop_pct` (224 / 0.875 = 256) with bicubic resampling, centre-crop to `crop_size`, rescale to [0, 1]
-    and normalise with the ImageNet mean and standard deviation.
+    and normalise with the ImageNet mean and standard deviation. An image more than `MAX_ASPECT_RATIO` (4) times
+    longer than wide, or the reverse, is first trimmed to its middle part of that ratio, so that a 1 x 20,000 strip
+    cannot be resized into gigabytes; the centre crop never reaches the trimmed parts.
 
     Every input first goes through `to_rgb_image` (EXIF orientation, first frame, any mode or bit depth to RGB, alpha
     composited onto white), so inputs that other image processors mangle (RGBA, palette, CMYK, 16-bit) work here.
@@ -347,7 +377,33 @@ class ImgCapImageProcessor(PilBackend):
         self, images: list[np.ndarray], size: SizeDict | None, crop_size: SizeDict, crop_pct: float, **kwargs
     ) -> BatchFeature:
         resize_size = self._resize_size(size, crop_size, crop_pct)
+        if kwargs.get("do_resize") and resize_size is not None and resize_size.shortest_edge:
+            images = [_trim_to_aspect_ratio(image, MAX_ASPECT_RATIO) for image in images]
         return super()._preprocess(images, size=resize_size, crop_size=crop_size, **kwargs)
+
+    @property
+    def load_min_side(self) -> int | None:
+        """The `min_side` to give `load_image` for this processor: the shortest side its resize produces (256 with the
+        defaults), or `None` when it does not resize to a fixed shortest side.
+
+        Training (`ImageCaptionCollator`), the CLI and the pipeline all load files with
+        `load_image(source, min_side=image_processor.load_min_side)`, so that a large JPEG is decoded at a reduced
+        scale (less memory and time) in the same way everywhere, and every entry point sees the same pixels.
+        """
+        if not self.do_resize:
+            return None
+        size = self.size if self.size is None or isinstance(self.size, SizeDict) else SizeDict(**self.size)
+        crop_size = self.crop_size
+        if crop_size is not None and not isinstance(crop_size, SizeDict):
+            crop_size = SizeDict(**crop_size)
+        resize = self._resize_size(size, crop_size, self.crop_pct)
+        if resize is None:
+            return None
+        if resize.shortest_edge:
+            return int(resize.shortest_edge)
+        if resize.height and resize.width:
+            return int(min(resize.height, resize.width))
+        return None
 
     @staticmethod
     def _resize_size(size: SizeDict | None, crop_size: SizeDict | None, crop_pct: float) -> SizeDict | None:
@@ -357,4 +413,4 @@ class ImgCapImageProcessor(PilBackend):
         return SizeDict(shortest_edge=int(max(crop_size.height, crop_size.width) / crop_pct))
 
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImgCapImageProcessor", "load_image", "to_rgb_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "MAX_ASPECT_RATIO", "ImgCapImageProcessor", "load_image", "to_rgb_image"]

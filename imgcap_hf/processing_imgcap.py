@@ -13,6 +13,14 @@ from .tokenization_imgcap import ImgCapTokenizer
 # Label value that the loss ignores (PyTorch's `CrossEntropyLoss` default and the transformers convention).
 IGNORE_INDEX = -100
 
+# Tokens per caption, `<sos>` and `<eos>` included, when the caller sets no `max_length` and the tokenizer no
+# `model_max_length`: train.py's `--max_caption_length` default, longer than 99.9% of Flickr30k's captions. A longer
+# caption is cut to this length, keeping its `<eos>`, so a 10,000-character caption cannot blow up a batch.
+DEFAULT_MAX_CAPTION_LENGTH = 40
+
+# Tokenizers without a `model_max_length` report a huge sentinel (transformers' VERY_LARGE_INTEGER, about 1e30).
+_NO_MODEL_MAX_LENGTH = 10**9
+
 
 class ImgCapProcessor(ProcessorMixin):
     r"""
@@ -93,11 +101,12 @@ class ImgCapProcessor(ProcessorMixin):
                 Tokenizer padding: `True`/`"longest"` pads to the longest caption of the batch, `"max_length"` to
                 `max_length`. Padded label positions are -100. Padding is always on the right, where the shift-right
                 contract needs it.
-            truncation (`bool`, *optional*):
-                Cut captions longer than `max_length` (keeping `<eos>`). Defaults to `True` when `max_length` is set.
+            truncation (`bool`, *optional*, defaults to `True`):
+                Cut captions longer than `max_length` (keeping `<eos>`). `False` keeps every caption whole.
             max_length (`int`, *optional*):
                 Maximum tokenized caption length counting `<sos>` and `<eos>`, as for the tokenizer; the labels are
-                one position shorter, since they drop `<sos>`.
+                one position shorter, since they drop `<sos>`. Defaults to the tokenizer's `model_max_length` when it
+                has one, else `DEFAULT_MAX_CAPTION_LENGTH` (40, train.py's `--max_caption_length` default).
             image_kwargs:
                 Passed to the image processor (e.g. `crop_size`).
 
@@ -125,10 +134,13 @@ class ImgCapProcessor(ProcessorMixin):
         captions = [text] if isinstance(text, str) else text
         if not isinstance(captions, (list, tuple)) or not all(isinstance(caption, str) for caption in captions):
             raise ValueError(f"`text` must be a string or a list of strings, got {type(text).__name__}.")
+        if max_length is None:
+            model_max_length = getattr(self.tokenizer, "model_max_length", None) or _NO_MODEL_MAX_LENGTH
+            max_length = model_max_length if model_max_length < _NO_MODEL_MAX_LENGTH else DEFAULT_MAX_CAPTION_LENGTH
         encoded = self.tokenizer(
             list(captions),
             padding=padding,
-            truncation=max_length is not None if truncation is None else truncation,
+            truncation=True if truncation is None else truncation,
             max_length=max_length,
             padding_side="right",
             return_attention_mask=True,
@@ -148,4 +160,4 @@ class ImgCapProcessor(ProcessorMixin):
         return ["pixel_values"]
 
 
-__all__ = ["ImgCapProcessor"]
+__all__ = ["DEFAULT_MAX_CAPTION_LENGTH", "ImgCapProcessor"]

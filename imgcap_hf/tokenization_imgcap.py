@@ -17,7 +17,9 @@ is needed to *encode* text and is imported lazily at that point; decoding never 
 import functools
 import importlib
 import json
+import operator
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -70,6 +72,14 @@ def validate_spelling_alphabet(spelling_alphabet: str) -> None:
         seen.add(letter)
 
 
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone UTF-16 surrogates (which JSON can carry, but UTF-8 and spaCy cannot) replaced by U+FFFD."""
+    return _LONE_SURROGATES.sub("\ufffd", text)
+
+
 @functools.cache
 def load_spacy_tokenizer(lang: str) -> Any:
     """
@@ -100,12 +110,18 @@ class ImgCapTokenizer(PreTrainedTokenizer):
     space token `" "`, then words by descending frequency. Letters and the space token are plain vocabulary entries,
     not special tokens, so they are never stripped from decoded text or matched inside the input text.
 
-    Encoding gives `<sos> words... <eos>`. Decoding joins words with single spaces and reassembles spelled words. It
-    never raises on any sequence of integer ids: an id outside the vocabulary decodes as `<unk>`, a spelled word
-    missing its closing space ends at the next token that is not a letter (or at the end), and letters outside a
-    spelled word are read as one-letter words. `skip_special_tokens=True` drops `<sos>`, `<eos>` and `<pad>` but keeps
-    `<unk>`: it stands for a real word the vocabulary could not express, and silently deleting it would shorten the
-    caption and change its meaning.
+    Encoding gives `<sos> words... <eos>` and never raises on any string: empty or whitespace-only text gives
+    `<sos> <eos>`, any character the vocabulary cannot express (emoji, digits, other scripts, control characters, NUL,
+    a lone UTF-16 surrogate as JSON can carry) ends up in an `<unk>`, and every id lies inside the vocabulary. Nothing
+    is truncated unless asked (`truncation=True, max_length=...`, which keeps `<eos>`).
+
+    Decoding joins words with single spaces and reassembles spelled words. It never raises on any sequence of integer
+    ids (a list, tuple, numpy array or tensor, of Python or numpy integers): any id outside the vocabulary (negative,
+    -100 included, or too large) decodes as `<unk>`, so a bug that leaks label padding into decoding stays visible
+    (replace -100 by `pad_token_id` before decoding labels); a spelled word missing its closing space ends at the next
+    token that is not a letter (or at the end), and letters outside a spelled word are read as one-letter words.
+    `skip_special_tokens=True` drops `<sos>`, `<eos>` and `<pad>` but keeps `<unk>`: it stands for a real word the
+    vocabulary could not express, and silently deleting it would shorten the caption and change its meaning.
 
     Build a tokenizer from training captions with [`ImgCapTokenizer.from_captions`]; save and load it with
     `save_pretrained` / `from_pretrained` (the vocabulary is a plain `vocab.json`).
@@ -265,7 +281,10 @@ class ImgCapTokenizer(PreTrainedTokenizer):
 
         spacy_tokenizer = load_spacy_tokenizer(lang)
         word_counts = Counter(
-            token.text.lower() for doc in spacy_tokenizer.pipe(captions) for token in doc if not token.is_space
+            token.text.lower()
+            for doc in spacy_tokenizer.pipe(clean_text(caption) for caption in captions)
+            for token in doc
+            if not token.is_space
         )
         vocab = {token: index for index, token in enumerate(reserved_tokens)}
         for word, count in sorted(word_counts.items(), key=lambda item: (-item[1], item[0])):
@@ -285,7 +304,7 @@ class ImgCapTokenizer(PreTrainedTokenizer):
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         """spaCy words of `text`, lower-cased; OOV words spelled between space tokens if they can be, else `<unk>`."""
         tokens = []
-        for spacy_token in load_spacy_tokenizer(self.lang)(text):
+        for spacy_token in load_spacy_tokenizer(self.lang)(clean_text(text)):
             if spacy_token.is_space:
                 continue
             word = spacy_token.text.lower()
@@ -305,12 +324,16 @@ class ImgCapTokenizer(PreTrainedTokenizer):
 
     def convert_ids_to_tokens(self, ids: int | list[int], skip_special_tokens: bool = False) -> str | list[str]:
         """
-        Tokens for `ids`; unknown ids give `<unk>`. `skip_special_tokens=True` drops every special token except
-        `<unk>`, which stands for a word (see the class docstring).
+        Tokens for `ids` (one integer, or a sequence, array or tensor of them); an id outside the vocabulary gives
+        `<unk>`. `skip_special_tokens=True` drops every special token except `<unk>`, which
+        stands for a word (see the class docstring).
         """
-        if isinstance(ids, int):
-            added_token = self._added_tokens_decoder.get(ids)
-            return added_token.content if added_token is not None else self._convert_id_to_token(ids)
+        if hasattr(ids, "tolist"):  # numpy arrays and scalars, torch tensors (0-d ones included)
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            index = operator.index(ids)  # any integer type; TypeError for floats, strings, ...
+            added_token = self._added_tokens_decoder.get(index)
+            return added_token.content if added_token is not None else self._convert_id_to_token(index)
         skipped_ids = set(self.all_special_ids) - {self.unk_token_id} if skip_special_tokens else set()
         return [self.convert_ids_to_tokens(int(index)) for index in ids if int(index) not in skipped_ids]
 
