@@ -10,7 +10,9 @@ Hub ids), `GRADIO_SERVER_NAME`, `GRADIO_SERVER_PORT`.
 Serving defaults, chosen for a public demo: bound to 127.0.0.1 unless told otherwise, never a share link, no
 analytics, no flagging (Blocks has none), uploads capped at 10 MB, images at `DEFAULT_MAX_PIXELS`, a bounded queue,
 bounded concurrency, a time limit per caption, decoding parameters clamped to the UI's ranges (API callers can send
-anything), and unusable input answered with one sentence (`gr.Error`) while other errors stay in the server log.
+anything), a full queue answered with one "busy" sentence, images opened only from Gradio's upload folder (an API
+caller cannot name a file on the server), and unusable input answered with one sentence (`gr.Error`) while other
+errors stay in the server log.
 
 API (`gradio_client`):
 
@@ -32,10 +34,13 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import torch
+from fastapi.responses import JSONResponse
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
 from imgcap_hf.data import write_shapes_examples
+from imgcap_hf.loading import load_captioner
 from imgcap_hf.tokenization_imgcap import SPACE_TOKEN
 
 # The folder `make demo` trains into; used when no model is named.
@@ -47,7 +52,12 @@ QUEUE_MAX_SIZE = 32  # waiting requests beyond this are turned away at once inst
 CONCURRENCY_LIMIT = 2  # captions computed at the same time (the demo targets a 2-core CPU Space)
 MAX_BATCH_SIZE = 8  # images one call of the batched endpoint may gather from the queue
 TIME_LIMIT_SECONDS = 20.0  # generation stops after this long and returns what it has (transformers' `max_time`)
+RETRY_AFTER_SECONDS = 30  # what a caller turned away by a full queue is told to wait (the Retry-After header)
 CACHE_MAX_AGE_SECONDS = 3600  # uploads and results are deleted from Gradio's cache after about an hour
+# Gradio keeps a record per session (a copy of every component's config, about 50 KB of Python objects here), and each
+# API call without a session is a new session: Gradio's default of 10,000 records lets memory grow by about 500 MB.
+# The records hold nothing this app needs (it has no gr.State), so a forgotten session only starts a fresh one.
+STATE_SESSION_CAPACITY = 100
 
 # Decoding ranges: the UI's sliders, and the clamps applied to every request.
 MAX_BEAMS = 10
@@ -66,6 +76,8 @@ COLORMAP_ANCHORS = np.array(
     [[48, 18, 59], [40, 120, 240], [30, 210, 150], [250, 200, 40], [190, 20, 10]], dtype=np.float32
 )
 
+BUSY_MESSAGE = "The server is busy with other captions; please try again in a minute."
+NOT_UPLOADED_MESSAGE = "The image must be uploaded with the request; the server does not open files by path."
 NO_MODEL_MESSAGE = (
     "**No captioning model is loaded.** Train the demo model with `make demo` (a few minutes on a CPU; it writes "
     "`outputs/shapes-attention`), or start the app with `python app.py --model DIR_OR_HUB_ID`."
@@ -93,13 +105,13 @@ class Captioner:
 def load_captioners(model_paths: Sequence[str]) -> dict[str, Captioner]:
     """Load every model once, in eval mode, keyed by a label such as `"attention (shapes-attention)"`.
 
-    Raises whatever `from_pretrained` raises for a folder or Hub id that holds no ImgCap model: a model the operator
-    named explicitly should stop the start-up, not fail on the first request.
+    Raises `load_captioner`'s one-sentence `ValueError` for a folder or Hub id that holds no usable ImgCap model
+    (missing or mismatched files, pickle-only weights, a tokenizer of another model): a model the operator named
+    explicitly should stop the start-up, not fail on the first request.
     """
     captioners = {}
     for path in model_paths:
-        model = ImgCapForConditionalGeneration.from_pretrained(path).eval()
-        processor = ImgCapProcessor.from_pretrained(path)
+        model, processor = load_captioner(path)
         label = f"{model.config.decoder_type} ({Path(str(path).rstrip('/')).name})"
         if label in captioners:
             label = f"{label} #{len(captioners) + 1}"
@@ -385,37 +397,53 @@ class CaptionService:
     Generation runs under `torch.inference_mode()` in Gradio's worker threads. Sampling seeds torch's global random
     generator (`generate` has no per-call generator), so seeded sampling runs one request at a time to stay
     reproducible while other requests run.
+
+    `upload_folder`, when given (the served app gives Gradio's), is the only folder images are opened from. Gradio
+    checks that a file payload names an uploaded file only when the payload carries its `meta` marker: an API caller
+    who sends `{"path": "/any/file.png"}` without it reaches the handler with that path, and would otherwise get any
+    image the server can read captioned and drawn back as heatmaps, and learn which other files exist.
     """
 
-    def __init__(self, captioners: dict[str, Captioner], time_limit: float = TIME_LIMIT_SECONDS):
+    def __init__(
+        self,
+        captioners: dict[str, Captioner],
+        time_limit: float = TIME_LIMIT_SECONDS,
+        upload_folder: str | Path | None = None,
+    ):
         self.captioners = captioners
         self.time_limit = time_limit
+        self.upload_folder = Path(upload_folder).resolve() if upload_folder is not None else None
         self._sampling_lock = threading.Lock()
 
-    def _captioner(self, label: str | None) -> Captioner:
+    def _captioner(self, label: object) -> Captioner:
         if not self.captioners:
             raise _user_error("No captioning model is loaded: run `make demo` or start the app with --model.")
         if label is None and len(self.captioners) == 1:
             return next(iter(self.captioners.values()))
-        if label not in self.captioners:
+        if not isinstance(label, str) or label not in self.captioners:  # an API caller may send a list or a dict
             raise _user_error(f"Unknown model; choose one of: {', '.join(self.captioners)}.")
         return self.captioners[label]
 
-    @staticmethod
-    def _load(image: str | dict | None) -> Image.Image:
+    def _load(self, image: str | dict | None, captioner: Captioner) -> Image.Image:
         """Open the request's image with `load_image`, whose one-sentence `ValueError` becomes the user's message.
 
         `image` is a path, or Gradio's raw file payload (a dict with the uploaded file's `path` in Gradio's cache): the
         events skip Gradio's preprocessing, which opens every upload with Pillow before the handler runs, so that
-        random bytes or a decompression bomb would fail there with an error the user never sees explained.
+        random bytes or a decompression bomb would fail there with an error the user never sees explained. A path
+        outside `upload_folder` is refused before the file is touched, with the same message whether it exists or not.
         """
         path = image.get("path") if isinstance(image, dict) else image
         if path is None:
             raise _user_error(
                 "No image was given: upload one, take one with the webcam, paste one or pick an example."
             )
+        if self.upload_folder is not None and not (
+            isinstance(path, str) and Path(path).resolve().is_relative_to(self.upload_folder)
+        ):  # resolve() first: `..` and symbolic links cannot lead out of the folder
+            raise _user_error(NOT_UPLOADED_MESSAGE)
         try:
-            return load_image(path)
+            # The same reduced JPEG decode as training, the CLI and the pipeline: same pixels, bounded memory.
+            return load_image(path, min_side=captioner.processor.image_processor.load_min_side)
         except ValueError as error:  # one sentence naming the file (not its folder) and what is wrong
             raise _user_error(str(error)) from None
 
@@ -434,7 +462,7 @@ class CaptionService:
     ) -> tuple[str, list[list[object]], list[tuple[Image.Image, str]]]:
         """The `/caption` endpoint: (best caption, n-best table rows [caption, score], one heatmap per word)."""
         captioner = self._captioner(model_label)
-        picture = self._load(image)
+        picture = self._load(image, captioner)
         settings = DecodingSettings.clamped(
             num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
             num_captions=num_captions, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
@@ -460,7 +488,7 @@ class CaptionService:
         captions, errors, pictures, rows = [""] * len(images), [""] * len(images), [], []
         for row, image in enumerate(images):
             try:
-                pictures.append(self._load(image))
+                pictures.append(self._load(image, captioner))
                 rows.append(row)
             except gr.Error as error:
                 errors[row] = error.message
@@ -526,7 +554,8 @@ def build_demo(
     temporary folder.
     """
     captioners = load_captioners(model_paths)
-    service = CaptionService(captioners, time_limit=time_limit)
+    # Gradio keeps uploads and its copies of the examples in its upload folder ($GRADIO_TEMP_DIR, else <temp>/gradio).
+    service = CaptionService(captioners, time_limit=time_limit, upload_folder=get_upload_folder())
     first = next(iter(captioners.values()), None)
     defaults = model_defaults(first)
     if examples_dir is None:
@@ -623,10 +652,18 @@ def build_demo(
     return demo
 
 
+def _busy_response(request, error) -> JSONResponse:
+    """The answer to a request that finds the queue full (Gradio raises HTTP 503 "Queue is full. Max size is 32 and
+    size is 32.", or "Queue is stopped." while shutting down): one sentence saying what to do, and when, for callers
+    of the HTTP API. The browser and `gradio_client` show their own busy message and ignore this body."""
+    return JSONResponse({"detail": BUSY_MESSAGE}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
 def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_lock: bool = False) -> None:
     """Serve `demo` with the safe settings: no share link, tracebacks kept in the server log (only `gr.Error`
     messages reach users), uploads capped, no monitoring endpoint, no run history (Gradio 6 can record every call,
-    the successor of flagging), no MCP server, client-side rendering."""
+    the successor of flagging), no MCP server, client-side rendering, a full queue answered by `_busy_response`, and
+    at most `STATE_SESSION_CAPACITY` session records."""
     demo.launch(
         server_name=host,
         server_port=port,
@@ -637,6 +674,8 @@ def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_loc
         run_history=False,
         mcp_server=False,
         ssr_mode=False,
+        app_kwargs={"exception_handlers": {503: _busy_response}},  # FastAPI's handler for every HTTP 503
+        state_session_capacity=STATE_SESSION_CAPACITY,
         prevent_thread_lock=prevent_thread_lock,
     )
 
