@@ -606,11 +606,12 @@ def rate_row(what: str, ours: list[float], reference: list[float], ours_count: i
 # ====================================================================================================================
 
 LSTM_HINT = (
-    "What would close it: the LSTM cells' weight gradients are computed once per word (matrix products whose inner "
-    "dimension is the batch, far below what the CPU's matrix units need) and the reference pays them too; computing "
-    "them once per caption (keep every step's cell input and gate gradient, then one product over all steps), bf16 "
-    "autocast (the bf16 rows), or the published batch of 128 (the batch-128 row), where the per-word products fill "
-    "the CPU and the reference's per-step attention becomes the larger cost."
+    "What is left: both implementations run the LSTM one word at a time, and at every word the forward products and "
+    "the input-gradient products read every decoder weight (about 120 MB in float32) for a batch of 16-20 rows, "
+    "which is memory-bound work the reference pays alike (ours already gathers the weight gradients into one product "
+    "per pass and projects each image once). What would close it: bf16 autocast (half the bytes; the bf16 rows), or "
+    "the published batch of 128 (the batch-128 row), where the per-word products fill the CPU's matrix units and the "
+    "reference's per-word attention over [features; hidden] becomes the larger cost."
 )
 ENCODER_HINT = (
     "What would close it: the encoder is the same ResNet-50 work in both implementations, so it bounds the ratio; "
@@ -963,6 +964,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measure after warm-up (median)")
     parser.add_argument("--only", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--keep_denormals",
+        action="store_true",
+        help="do not flush denormal floats to zero (random-weight LSTMs backpropagate many; x86 CPUs compute them "
+        "tens of times slower)",
+    )
     args = parser.parse_args(argv)
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.only) - set(MEASURES))
@@ -980,7 +987,17 @@ def main(argv: list[str] | None = None) -> dict:
     the two implementations do not compute the same model."""
     args = parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    # Before any parallel work: the thread pool's workers inherit this setting only when they are created.
+    flushed = not args.keep_denormals and torch.set_flush_denormal(True)
     print(f"Machine: {machine_line()}")
+    print(
+        "Denormal floats: "
+        + (
+            "flushed to zero (torch.set_flush_denormal, as train.py does), for both implementations alike."
+            if flushed
+            else "computed in full (--keep_denormals, or a CPU without flush-to-zero)."
+        )
+    )
     ours, reference = build_models(sizes)
     print(
         f"Models: ours ImgCapForConditionalGeneration (attention decoder) and the reference, both with "
@@ -1021,6 +1038,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("\nNotes:\n" + "\n".join(f"- {note}" for note in notes))
     report = {
         "machine": machine_line(),
+        "denormals_flushed": bool(flushed),
         "sizes": asdict(sizes),
         "repeats": args.repeats,
         "checks": checks,

@@ -285,6 +285,19 @@ def test_one_encoder_pass_serves_several_captions_per_image(decoder_type):
     torch.testing.assert_close(shared.loss, repeated.loss)
 
 
+def test_lstm_image_head_dropout_draws_a_mask_per_caption_not_per_image():
+    """Captions sharing an image still get their own dropout mask in the image head (the published regularisation;
+    one mask per image cost test CIDEr on the shapes set)."""
+    model = tiny_model("lstm", dropout=0.5).train()
+    regions = model.encoder(random_images(batch_size=1)).last_hidden_state  # (1, regions, feature_size)
+    state = model._initial_state(regions, image_indices=torch.zeros(4, dtype=torch.long))
+    assert state.hidden.shape[1] == 4
+    assert not torch.allclose(state.hidden[:, 0], state.hidden[:, 1])  # same image, different masks
+    model.eval()
+    state = model._initial_state(regions, image_indices=torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(state.hidden[:, 0], state.hidden[:, 1])  # no dropout: identical rows
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------------------------------
