@@ -38,7 +38,7 @@ APP_FILE = REPO_ROOT / "app.py"
 SPACE_MODELS_VARIABLE = "IMGCAP_MODELS"  # comma-separated model ids; app.py reads it
 
 # What a model repository holds, by name: everything else in the run folder (checkpoints/, best_model/, runs/,
-# test_samples.json, accelerate's .bin/.pkl states) stays home. The remote-code files are the folder's `*.py`.
+# test_samples.json, TensorBoard logs) stays home. The remote-code files are the folder's `*.py`.
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 MODEL_FILES = ("config.json", "generation_config.json", "vocab.json", "tokenizer_config.json", "processor_config.json")
 RECORD_FILES = ("all_results.json", "training_args.json", "data_report.json")

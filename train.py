@@ -198,11 +198,6 @@ class TrainingProgress:
             self.best_cider = -math.inf
 
 
-def checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (`.tmp` folders of interrupted writes and manifest-less folders ignored)."""
-    return checkpointing.list_checkpoints(output_dir / CHECKPOINTS_DIR)
-
-
 def resolve_resume_dir(output_dir: Path, resume_from_checkpoint: str) -> Path | None:
     """`latest`: the newest complete checkpoint (None if there is none). A folder: verified now, so an incomplete,
     unknown or pickled one is refused with one sentence before anything is loaded."""
@@ -340,9 +335,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for leftover in checkpointing.clean_interrupted(output_dir / CHECKPOINTS_DIR):
             logger.info(f"Removed {leftover}, left by an interrupted checkpoint write or deletion")
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-    if args.resume_from_checkpoint not in (None, "latest"):
-        checkpointing.verify_checkpoint(Path(args.resume_from_checkpoint))  # refuse a bad folder before any work
     accelerator.wait_for_everyone()
+    # Resolved once, before any work: a bad folder is refused now, not after the data is loaded.
+    resume_dir = resolve_resume_dir(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     set_seed(args.seed)
 
     # ---- Data ----------------------------------------------------------------------------------------------------
@@ -421,16 +416,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- Resume --------------------------------------------------------------------------------------------------
     resumed_step = None
-    if args.resume_from_checkpoint:
-        resume_dir = resolve_resume_dir(output_dir, args.resume_from_checkpoint)
-        if resume_dir is None:
-            logger.info("No complete checkpoint to resume from: starting from scratch")
-        else:
-            progress.load_state_dict(
-                checkpointing.load_checkpoint(accelerator, resume_dir, model, optimizer, scheduler)
-            )
-            resumed_step = progress.completed_steps
-            logger.info(f"Resumed from {resume_dir} at step {progress.completed_steps} (epoch {progress.epoch})")
+    if args.resume_from_checkpoint and resume_dir is None:
+        logger.info("No complete checkpoint to resume from: starting from scratch")
+    elif resume_dir is not None:
+        progress.load_state_dict(checkpointing.load_checkpoint(accelerator, resume_dir, model, optimizer, scheduler))
+        resumed_step = progress.completed_steps
+        logger.info(f"Resumed from {resume_dir} at step {progress.completed_steps} (epoch {progress.epoch})")
     train_log = open_train_log(output_dir / TRAIN_LOG, resumed_step) if accelerator.is_main_process else None
 
     def save_checkpoint():

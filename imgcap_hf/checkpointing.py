@@ -39,6 +39,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from .loading import pickle_files
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -55,8 +57,6 @@ SCHEDULER_FILE = "scheduler.json"
 SCALER_FILE = "scaler.json"
 TRAINING_STATE_FILE = "training_state.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_TENSORS_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINING_STATE_FILE)
-# Formats that run code when loaded: recognised only to say why such a folder is refused.
-PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt")
 
 
 class CheckpointError(ValueError):
@@ -207,7 +207,7 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a checkpoint: no such folder.")
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        pickles = pickle_files(path)  # named only, to say why the folder is refused
         if pickles:
             raise CheckpointError(
                 f"{path} holds pickle files ({', '.join(pickles)}), e.g. from accelerate's save_state or an older "

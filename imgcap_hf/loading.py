@@ -83,7 +83,7 @@ def check_model_folder(path: str | os.PathLike) -> None:
     if not folder.is_dir():
         raise ValueError(f"Cannot load the model from {label}: it is not a folder.")
     if not (folder / WEIGHTS_FILE).is_file() and not (folder / WEIGHTS_INDEX_FILE).is_file():
-        pickles = sorted(item.name for item in folder.iterdir() if item.suffix.lower() in PICKLE_SUFFIXES)
+        pickles = pickle_files(folder)
         if pickles:
             raise ValueError(
                 f"Cannot load the model from {label}: it has no {WEIGHTS_FILE}, only pickle-based weights "
@@ -97,6 +97,12 @@ def check_model_folder(path: str | os.PathLike) -> None:
                 f"Cannot load the model from {label}: {name} ({what}) is missing; save the model and its processor "
                 "with `save_pretrained`."
             )
+
+
+def pickle_files(folder: str | os.PathLike) -> list[str]:
+    """Names of the files in `folder` whose format can run code when loaded (`PICKLE_SUFFIXES`), sorted; they are
+    only ever named in an error, never opened."""
+    return sorted(item.name for item in Path(folder).iterdir() if item.suffix.lower() in PICKLE_SUFFIXES)
 
 
 def check_weight_shapes(path: str | os.PathLike, config: ImgCapConfig) -> None:
@@ -160,4 +166,10 @@ def _reason(error: BaseException) -> str:
     return text.rstrip(".")
 
 
-__all__ = ["check_model_folder", "check_processor_matches_model", "check_weight_shapes", "load_captioner"]
+__all__ = [
+    "check_model_folder",
+    "check_processor_matches_model",
+    "check_weight_shapes",
+    "load_captioner",
+    "pickle_files",
+]
