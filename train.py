@@ -306,8 +306,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     start_time = time.time()
     # Gradients that fade through the LSTM's steps reach denormal floats (below 1e-38), which x86 CPUs compute tens of
-    # times slower: flushing them to zero took a full-size decoder backward pass from 2.2 s to 0.35 s on CPU, and
-    # changes nothing a float32 model can represent usefully. Set before any parallel work, so that the CPU thread
+    # times slower: flushing them to zero took a full-size decoder-only training step from 2.60 s to 0.73 s on a 2-core
+    # CPU (`python benchmarks/benchmark_imgcap.py --only decoder`, with and without `--keep_denormals`), and changes
+    # nothing a float32 model can represent usefully. Set before any parallel work, so that the CPU thread
     # pool's workers inherit it. (GPU kernels are not affected.)
     torch.set_flush_denormal(True)
 

@@ -198,8 +198,9 @@ class ImgCapVisionEncoder(nn.Module):
         self.backbone = AutoModel.from_config(config.vision_config, **_backbone_init_kwargs(config.vision_config))
 
     def forward(self, pixel_values: torch.FloatTensor, return_dict: bool = True, **kwargs) -> BaseModelOutput:
-        # Channels-last images let oneDNN (CPU) and cuDNN (GPU) run the convolutions in their fastest layout: about 20%
-        # less time for a ResNet-50 batch on CPU, with the same features up to float rounding.
+        # Channels-last images let oneDNN (CPU) and cuDNN (GPU) run the convolutions in their fastest layout (a one-off
+        # timing of a ResNet-50 batch of 16 on a 2-core CPU: 0.74-0.81 s against 0.91-0.96 s), with the same features
+        # up to float rounding.
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)  # (batch, 3, height, width)
         # A frozen backbone needs no autograd graph: that saves its activations' memory during training.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
@@ -345,7 +346,8 @@ class ImgCapLSTMDecoder(nn.Module):
 
         The image head runs once per caption, not once per image: its dropout then draws a mask of its own for every
         caption, as the published model did. Sharing one mask among an image's five captions was measured to cost
-        test CIDEr on the shapes set (1.56 against 1.89); the head is small next to the rest of a step.
+        test CIDEr on the shapes set (`python train.py --config configs/shapes_lstm.yaml`: 1.56 against 1.89); the
+        head is small next to the rest of a step.
         """
         # (images, feature_size): global max or average pool over the grid
         pooled = regions.amax(dim=1) if self.config.image_pooling == "max" else regions.mean(dim=1)
