@@ -44,6 +44,7 @@ from imgcap_hf import (
 from imgcap_hf.batching import ImageCaptionCollator, encode_images, image_inputs, tokenize_captions
 from imgcap_hf.data import load_caption_dataset
 from imgcap_hf.evaluation import evaluate_split
+from imgcap_hf.scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
 
 logger = get_logger(__name__)
 
@@ -137,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--num_beams", type=int, default=5)
     evaluation.add_argument("--max_new_tokens", type=int, default=30)
     evaluation.add_argument("--length_penalty", type=float, default=1.0)
+    evaluation.add_argument(
+        "--caption_tokenizer",
+        choices=CAPTION_TOKENIZERS,
+        default="auto",
+        help="Tokenizer of the coco-caption scores: 'auto' (coco-caption's Java tokenizer where `java` is on the "
+        "PATH, else ours), 'ptb-java' or 'python'. all_results.json names the one used (test_tokenizer).",
+    )
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true", help="Upload the final model (token from HF_TOKEN).")
@@ -165,6 +173,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--checkpointing_steps must be an integer, 'epoch' or 'no'")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    try:  # a missing Java for --caption_tokenizer ptb-java stops the run before training, not after it
+        resolve_caption_tokenizer(args.caption_tokenizer)
+    except RuntimeError as error:
+        parser.error(str(error))
     return args
 
 
@@ -516,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics, _ = evaluate_split(
             accelerator, model, tokenizer, image_processor, splits["validation"],
             batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
-            features=features.get("validation"),
+            features=features.get("validation"), caption_tokenizer=args.caption_tokenizer,
         )  # fmt: skip
         mean_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
         progress.history.append(
@@ -524,10 +536,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         logger.info(
             f"epoch {progress.epoch}: train loss {mean_loss:.4f}, validation "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "num_images")
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         )
         if args.with_tracking:
-            accelerator.log({f"validation_{k}": v for k, v in metrics.items()}, progress.completed_steps)
+            scalars = {f"validation_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            accelerator.log(scalars, progress.completed_steps)
         if metrics["cider"] > progress.best_cider:
             progress.best_cider, progress.best_step = metrics["cider"], progress.completed_steps
             if accelerator.is_main_process:
@@ -563,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_metrics, test_captions = evaluate_split(
         accelerator, final_model, tokenizer, image_processor, splits["test"],
         batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
-        features=features.get("test"),
+        features=features.get("test"), caption_tokenizer=args.caption_tokenizer,
     )  # fmt: skip
     results = {
         **{f"test_{k}": v for k, v in test_metrics.items()},
@@ -588,7 +601,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         (output_dir / "test_samples.json").write_text(json.dumps(samples, indent=2) + "\n")
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        logger.info("Test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items() if k != "num_images"))
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items() if isinstance(v, float))
+        logger.info(f"Test ({test_metrics['tokenizer']} tokenizer): {scores}")
         if args.push_to_hub:
             from huggingface_hub import HfApi
 

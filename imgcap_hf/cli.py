@@ -8,8 +8,8 @@
 a decompression bomb...), whose one-sentence error names the file. The other images are still captioned, and the exit
 status is then 1. A model folder that cannot be used (missing or mismatched files, pickle-only weights) stops the
 command before any image is read: one `error: ...` line on stderr and exit status 2.
-`evaluate` prints one JSON object with `bleu_1`..`bleu_4`, `cider`, `rouge_l` (and `meteor` where Java is available)
-and `num_images`.
+`evaluate` prints one JSON object with `bleu_1`..`bleu_4`, `cider`, `rouge_l` (and `meteor` where Java is available),
+`num_images` and `tokenizer`, the caption tokenizer the scores were computed with (`ptb-java` or `python`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from .data import load_caption_dataset
 from .image_processing_imgcap import load_image
 from .loading import load_captioner
+from .scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["train", "validation", "test"], default="test")
     evaluate.add_argument("--karpathy_json", default=None)
     evaluate.add_argument("--max_samples", type=int, default=None, help="Score only the first N images.")
+    evaluate.add_argument(
+        "--caption_tokenizer",
+        choices=CAPTION_TOKENIZERS,
+        default="auto",
+        help="How captions are tokenized for scoring: 'auto' (coco-caption's Java tokenizer where `java` is on the "
+        "PATH, else ours), 'ptb-java' or 'python'. The output's 'tokenizer' names the one used.",
+    )
     return parser
 
 
@@ -90,6 +98,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluation import evaluate_split
 
+    try:  # a missing Java for --caption_tokenizer ptb-java stops the command before any captioning
+        resolve_caption_tokenizer(args.caption_tokenizer)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     model, processor = load_captioner(args.model, args.device)
     crop = processor.image_processor.crop_size
     # The shapes set is drawn at the size the model was trained on.
@@ -106,7 +119,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in kwargs.items() if k in ("num_beams", "max_new_tokens", "length_penalty")}
     metrics, _ = evaluate_split(
         accelerator, model, processor.tokenizer, processor.image_processor, split,
-        batch_size=args.batch_size, generation_kwargs=kwargs,
+        batch_size=args.batch_size, generation_kwargs=kwargs, caption_tokenizer=args.caption_tokenizer,
     )  # fmt: skip
     print(json.dumps(metrics))
     return 0

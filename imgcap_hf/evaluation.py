@@ -15,7 +15,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from .batching import ImageCaptionCollator, image_inputs
-from .metrics import compute_caption_metrics
+from .scoring import compute_caption_metrics
 
 
 @torch.no_grad()
@@ -41,11 +41,12 @@ def generate_split_captions(
     return captions
 
 
-def score_captions(captions: dict[int, str], split: Dataset) -> dict[str, float]:
-    """coco-caption metrics of `{row: caption}` against all reference captions of those rows of `split`."""
+def score_captions(captions: dict[int, str], split: Dataset, caption_tokenizer: str = "auto") -> dict[str, Any]:
+    """coco-caption metrics of `{row: caption}` against all reference captions of those rows of `split`; the result
+    names the caption tokenizer that produced it (`"tokenizer"`)."""
     rows = sorted(captions)
     references = split.select(rows)["captions"]
-    return compute_caption_metrics([captions[row] for row in rows], references)
+    return compute_caption_metrics([captions[row] for row in rows], references, tokenizer=caption_tokenizer)
 
 
 def evaluate_split(
@@ -58,8 +59,10 @@ def evaluate_split(
     batch_size: int,
     generation_kwargs: dict[str, Any],
     features: torch.Tensor | None = None,
-) -> tuple[dict[str, float], dict[int, str]]:
-    """Caption `split` (from cached `features` when given) and score it; returns the metrics and the captions."""
+    caption_tokenizer: str = "auto",
+) -> tuple[dict[str, Any], dict[int, str]]:
+    """Caption `split` (from cached `features` when given) and score it with `caption_tokenizer` (see
+    `imgcap_hf.scoring.compute_caption_metrics`); returns the metrics and the captions."""
     loader = DataLoader(
         list(range(len(split))),
         batch_size=batch_size,
@@ -71,4 +74,4 @@ def evaluate_split(
         loader, accelerator.device, accelerator.num_processes, accelerator.process_index, put_on_device=True
     )
     captions = generate_split_captions(accelerator, model, tokenizer, loader, generation_kwargs)
-    return score_captions(captions, split), captions
+    return score_captions(captions, split, caption_tokenizer), captions

@@ -7,7 +7,7 @@ Load it from its folder (works offline): ``evaluate.load("/path/to/metrics/coco_
 import datasets
 import evaluate
 
-from imgcap_hf.metrics import compute_caption_metrics
+from imgcap_hf.scoring import compute_caption_metrics
 
 _CITATION = """\
 @article{chen2015microsoft,
@@ -20,9 +20,10 @@ _CITATION = """\
 """
 
 _DESCRIPTION = """\
-The captioning metrics of the coco-caption toolkit, with its numbers: captions are tokenized like its Stanford PTB
-tokenizer (a pure-Python port, no Java needed) and stripped of punctuation; BLEU uses the closest reference length
-and is computed over the corpus; CIDEr-D takes its document frequencies from the references being scored, so add
+The captioning metrics of the coco-caption toolkit, with its numbers: captions are tokenized by its own Stanford PTB
+tokenizer where `java` is on the PATH (otherwise by a Python tokenizer of the same conventions; the result's
+`tokenizer` says which) and stripped of punctuation; BLEU uses the closest reference length and is computed over the
+corpus; CIDEr-D takes its document frequencies from the references being scored, so add
 the whole split before calling `compute` (one image alone always scores 0). METEOR is computed when `java` is on
 the PATH.
 """
@@ -32,8 +33,10 @@ Args:
     predictions (`list` of `str`): one generated caption per image (raw text; an empty string scores 0).
     references (`list` of `list` of `str`): the reference captions of each image (at least one each).
     include_meteor (`bool`, *optional*): compute METEOR; `None` (default) computes it when Java is available.
+    tokenizer (`str`, *optional*): `"auto"` (default: Java's PTB tokenizer when available), `"ptb-java"`, `"python"`.
 Returns:
-    bleu_1, bleu_2, bleu_3, bleu_4, cider, rouge_l, meteor (when computed), num_images.
+    bleu_1, bleu_2, bleu_3, bleu_4, cider, rouge_l, meteor (when computed), num_images, and tokenizer (the caption
+    tokenizer used: `"ptb-java"` or `"python"`).
 Examples:
     >>> coco_caption = evaluate.load("metrics/coco_caption")
     >>> results = coco_caption.compute(
@@ -63,5 +66,5 @@ class CocoCaption(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/1504.00325", "https://arxiv.org/abs/1411.5726"],
         )
 
-    def _compute(self, predictions, references, include_meteor=None):
-        return compute_caption_metrics(predictions, references, include_meteor=include_meteor)
+    def _compute(self, predictions, references, include_meteor=None, tokenizer="auto"):
+        return compute_caption_metrics(predictions, references, include_meteor=include_meteor, tokenizer=tokenizer)

@@ -1,22 +1,33 @@
-"""coco-caption metrics: the Python PTB tokenizer against Java, scores against pycocoevalcap, the evaluate module."""
+"""coco-caption scores: both caption tokenizers against pycocoevalcap's Java one, scores against pycocoevalcap's
+full pipeline, the fallback without Java, the evaluate module."""
 
-import csv
+import importlib.util
+import json
 import math
 import os
 import shutil
-from collections import defaultdict
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_args
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
-from imgcap_hf.metrics import coco_tokenize, compute_caption_metrics
+from imgcap_hf.scoring import (
+    compute_caption_metrics,
+    java_tokenize,
+    python_tokenize,
+    resolve_caption_tokenizer,
+    tokenize_captions_for_scoring,
+)
+from imgcap_hf.scoring import java_tokenizer as java_tokenizer_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FLICKR_CSV = REPO_ROOT.parent / "shared" / "data" / "flickr30k_captions_sample.csv"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 SCORE_KEYS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "rouge_l")
 
 # (caption, what pycocoevalcap's Java PTBTokenizer gives), checked by test_quirks_table_is_what_java_gives.
@@ -41,13 +52,27 @@ TOKENIZER_QUIRKS = [
     ("...", ""),
     ("", ""),
 ]
+# What our Python tokenizer makes of the quirks it does not reproduce (README: "kinds of text that differ").
+PYTHON_KNOWN_DIFFERENCES = {"\u00bd cup, 5 7/8 inches": "\u00bd cup 5 7/8 inches"}
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs `java` on the PATH")
 
 
 @pytest.fixture(scope="module")
-def java_coco_tokenize():
-    """pycocoevalcap's own tokenizer (Java): {id: [captions]} -> {id: [tokenized captions]}."""
+def agreement_script():
+    """benchmarks/tokenizer_agreement.py imported as a module: the hostile set and the measurements the README
+    reports come from there."""
+    spec = importlib.util.spec_from_file_location(
+        "tokenizer_agreement", REPO_ROOT / "benchmarks" / "tokenizer_agreement.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pycocoevalcap_tokenize():
+    """pycocoevalcap's own tokenizer class (Java): {id: [captions]} -> {id: [tokenized captions]}."""
     if shutil.which("java") is None:
         pytest.skip("needs `java` on the PATH")
     if not os.access(Path(ptbtokenizer.__file__).parent, os.W_OK):
@@ -62,16 +87,24 @@ def java_coco_tokenize():
 
 
 @pytest.fixture(scope="module")
-def flickr_images() -> list[list[str]]:
+def shared_captions(agreement_script) -> dict[str, list[str]]:
+    """The 15,892 Flickr30k captions (file order) and coco-caption's 1,000 demo captions from ../shared."""
+    if not agreement_script.FLICKR_CSV.is_file() or not agreement_script.COCO_JSON.is_file():
+        pytest.skip(f"{SHARED_DATA} not present")
+    by_image = agreement_script.read_flickr_captions()
+    return {
+        "flickr30k": [caption for captions in by_image.values() for caption in captions],
+        "coco_fakecap": agreement_script.read_coco_captions(),
+    }
+
+
+@pytest.fixture(scope="module")
+def flickr_images(agreement_script) -> list[list[str]]:
     """Captions of the Flickr30k sample grouped by image, for the images that have at least two (2,606 of them)."""
-    if not FLICKR_CSV.is_file():
-        pytest.skip(f"{FLICKR_CSV} not present")
-    captions_by_image = defaultdict(list)
-    with FLICKR_CSV.open(newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle, skipinitialspace=True):
-            if row.get("comment"):
-                captions_by_image[row["image_name"]].append(row["comment"].strip())
-    return [captions for captions in captions_by_image.values() if len(captions) >= 2]
+    if not agreement_script.FLICKR_CSV.is_file():
+        pytest.skip(f"{agreement_script.FLICKR_CSV} not present")
+    by_image = agreement_script.read_flickr_captions()
+    return [captions for captions in by_image.values() if len(captions) >= 2]
 
 
 def pycocoevalcap_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
@@ -82,44 +115,178 @@ def pycocoevalcap_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -
     return {**{f"bleu_{n}": bleu[n - 1] for n in range(1, 5)}, "cider": cider, "rouge_l": rouge_l}
 
 
-# --- The tokenizer port against Java -----------------------------------------------------------------------------
+# --- The Java tokenizer is pycocoevalcap's ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("caption", "expected"), TOKENIZER_QUIRKS)
-def test_coco_tokenize_keeps_ptb_quirks(caption, expected):
-    assert coco_tokenize(caption) == expected
-
-
-def test_quirks_table_is_what_java_gives(java_coco_tokenize):
-    java = java_coco_tokenize({index: [caption] for index, (caption, _) in enumerate(TOKENIZER_QUIRKS)})
+def test_quirks_table_is_what_java_gives(pycocoevalcap_tokenize):
+    java = pycocoevalcap_tokenize({index: [caption] for index, (caption, _) in enumerate(TOKENIZER_QUIRKS)})
     assert [java[index][0] for index in range(len(TOKENIZER_QUIRKS))] == [expected for _, expected in TOKENIZER_QUIRKS]
-
-
-def test_coco_tokenize_equals_java_on_every_flickr_caption(flickr_captions, java_coco_tokenize):
-    java = java_coco_tokenize({index: [caption] for index, caption in enumerate(flickr_captions)})
-    differing = [
-        (caption, java[index][0], coco_tokenize(caption))
-        for index, caption in enumerate(flickr_captions)
-        if coco_tokenize(caption) != java[index][0]
+    assert java_tokenize([caption for caption, _ in TOKENIZER_QUIRKS]) == [
+        expected for _, expected in TOKENIZER_QUIRKS
     ]
-    assert not differing, f"{len(differing)} of {len(flickr_captions)} captions differ, e.g. {differing[:3]}"
+
+
+def test_java_tokenize_equals_pycocoevalcap_on_every_shared_caption(shared_captions, pycocoevalcap_tokenize):
+    for name, captions in shared_captions.items():
+        expected = pycocoevalcap_tokenize({index: [caption] for index, caption in enumerate(captions)})
+        assert java_tokenize(captions) == [expected[index][0] for index in range(len(captions))], name
 
 
 @pytest.mark.parametrize("candidate", ["held-out caption", "caption of the next image"])
-def test_scores_equal_the_full_pycocoevalcap_pipeline_on_flickr(flickr_images, java_coco_tokenize, candidate):
+def test_ptb_java_scores_equal_the_full_pycocoevalcap_pipeline(flickr_images, pycocoevalcap_tokenize, candidate):
     """One caption per image is the prediction, the others are its references, as coco-caption would score them."""
     references = [captions[1:] for captions in flickr_images]
     held_out = [captions[0] for captions in flickr_images]
     predictions = held_out if candidate == "held-out caption" else held_out[1:] + held_out[:1]
 
-    ours = compute_caption_metrics(predictions, references, include_meteor=False)
+    ours = compute_caption_metrics(predictions, references, include_meteor=False, tokenizer="ptb-java")
 
-    gts = java_coco_tokenize(dict(enumerate(references)))
-    res = java_coco_tokenize({index: [prediction] for index, prediction in enumerate(predictions)})
+    gts = pycocoevalcap_tokenize(dict(enumerate(references)))
+    res = pycocoevalcap_tokenize({index: [prediction] for index, prediction in enumerate(predictions)})
     expected = pycocoevalcap_scores(gts, res)
-    assert ours["num_images"] == len(flickr_images) == 2606
-    assert {key: ours[key] for key in SCORE_KEYS} == pytest.approx(expected, abs=1e-6)
+    assert ours["num_images"] == len(flickr_images) == 2606 and ours["tokenizer"] == "ptb-java"
+    assert {key: ours[key] for key in SCORE_KEYS} == pytest.approx(expected, abs=1e-9)
     assert 0.0 < ours["bleu_4"] < ours["bleu_1"] < 1.0
+
+
+@needs_java
+def test_java_tokenize_keeps_one_line_per_caption_where_pycocoevalcap_would_shift_them(pycocoevalcap_tokenize):
+    captions = ["A dog\rruns .", "A cat\u2028sleeps .", "Two birds fly ."]
+    assert java_tokenize(captions) == ["a dog runs", "a cat sleeps", "two birds fly"]
+    # pycocoevalcap replaces only "\n": the jar splits the other line breaks, and later captions move up.
+    shifted = pycocoevalcap_tokenize({index: [caption] for index, caption in enumerate(captions)})
+    assert [shifted[index][0] for index in range(3)] == ["a dog", "runs", "a cat"]
+
+
+@needs_java
+def test_java_tokenize_starts_one_process_for_many_captions(monkeypatch):
+    runs = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: runs.append(args) or real_run(*args, **kwargs))
+    scores = compute_caption_metrics(["a dog", "a cat", ""], [["a dog ."], ["a cat .", "cats"], ["a bird"]])
+    assert scores["tokenizer"] == "ptb-java" and len(runs) == 1
+
+
+@needs_java
+def test_java_tokenize_handles_empty_captions_and_text_utf8_cannot_hold():
+    assert java_tokenize([]) == []
+    assert java_tokenize(["", "A dog .", "", "caf\u00e9 \ud800 ok", ""]) == ["", "a dog", "", "caf\u00e9 ok", ""]
+
+
+# --- The Python tokenizer agrees with Java ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("caption", "java"), TOKENIZER_QUIRKS)
+def test_python_tokenize_on_the_quirks_table(caption, java):
+    assert python_tokenize(caption) == PYTHON_KNOWN_DIFFERENCES.get(caption, java)
+
+
+@needs_java
+def test_python_tokenize_equals_java_on_every_shared_caption(shared_captions, agreement_script):
+    for name, captions in shared_captions.items():
+        same, differing = agreement_script.agreement(captions)
+        assert same == len(captions), f"{name}: {len(differing)} of {len(captions)} differ, e.g. {differing[:3]}"
+
+
+@needs_java
+def test_python_tokenize_on_the_hostile_set_agrees_as_the_readme_says(agreement_script):
+    hostile = agreement_script.hostile_captions(count_per_kind=100, seed=0)
+    assert len(hostile) == 1100
+    same, differing = agreement_script.agreement([caption for _, caption in hostile])
+    kind_of = {caption: kind for kind, caption in hostile}
+    differing_kinds = {kind_of[caption] for caption, _, _ in differing}
+    assert same / len(hostile) >= 0.97, differing[:5]  # README: 1,072 of 1,100 (97.45%)
+    assert differing_kinds <= {"apostrophes", "parentheses", "urls"}, differing_kinds  # the README's list
+
+
+@needs_java
+@pytest.mark.slow
+def test_python_and_java_scores_differ_by_at_most_1e_4_on_the_flickr_corpus(agreement_script, shared_captions):
+    largest = agreement_script.score_differences(agreement_script.read_flickr_captions())
+    assert max(largest.values()) <= 1e-4, largest
+
+
+def test_python_tokenize_never_raises_and_returns_normalised_text():
+    for caption in ["", " ", "\ud800", "\x00\x01", "a" * 5000, "((((", "\u202e\u0301", "&amp;&lt;", "\U0001f600" * 3]:
+        tokens = python_tokenize(caption)
+        assert isinstance(tokens, str) and tokens == tokens.lower() and "  " not in tokens
+
+
+# --- Which tokenizer, and saying so ------------------------------------------------------------------------------
+
+
+@needs_java
+def test_with_java_the_default_is_ptb_java():
+    assert resolve_caption_tokenizer() == "ptb-java"
+    assert compute_caption_metrics(["a dog"], [["a dog ."]])["tokenizer"] == "ptb-java"
+
+
+def test_without_java_the_python_tokenizer_is_used_and_named(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    assert resolve_caption_tokenizer("auto") == "python"
+    scores = compute_caption_metrics(["a dog runs"], [["A dog is running ."]])
+    assert scores["tokenizer"] == "python" and "meteor" not in scores
+    with pytest.raises(RuntimeError, match="needs `java` on the PATH"):
+        compute_caption_metrics(["a dog runs"], [["a dog is running"]], tokenizer="ptb-java")
+
+
+def test_an_unknown_tokenizer_name_is_refused():
+    with pytest.raises(ValueError, match="unknown caption tokenizer 'ptb'"):
+        compute_caption_metrics(["a dog"], [["a dog"]], tokenizer="ptb")
+
+
+@needs_java
+def test_a_failing_jar_falls_back_to_python_with_a_warning_unless_java_was_required(monkeypatch, tmp_path):
+    monkeypatch.setattr(java_tokenizer_module, "JAR", tmp_path / "missing.jar")
+    with pytest.warns(RuntimeWarning, match="Python tokenizer instead"):
+        tokenized, used = tokenize_captions_for_scoring(["A dog ."])
+    assert (tokenized, used) == (["a dog"], "python")
+    with pytest.raises(RuntimeError, match="exited with status"):
+        tokenize_captions_for_scoring(["A dog ."], tokenizer="ptb-java")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("java_on_path", [True, False])
+def test_train_py_scores_with_either_tokenizer_and_records_which(java_on_path, tmp_path, monkeypatch):
+    import train
+
+    if java_on_path and shutil.which("java") is None:
+        pytest.skip("needs `java` on the PATH")
+    if not java_on_path:
+        monkeypatch.setenv("PATH", "")
+    args = tiny_args(tmp_path, "attention", "--num_train_epochs", "1", "--max_train_steps", "2", "--num_beams", "1")
+    results = train.main(args)
+    expected = "ptb-java" if java_on_path else "python"
+    assert results["test_tokenizer"] == expected
+    assert json.loads((tmp_path / "all_results.json").read_text())["test_tokenizer"] == expected
+    assert results["history"][-1]["tokenizer"] == expected
+
+
+def test_train_py_refuses_ptb_java_without_java_before_training(tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(SystemExit):
+        train.parse_args(tiny_args(tmp_path, "attention", "--caption_tokenizer", "ptb-java"))
+    assert "needs `java` on the PATH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("java_on_path", [True, False])
+def test_cli_evaluate_with_either_tokenizer_says_which(java_on_path, saved_tiny_captioner):
+    if java_on_path and shutil.which("java") is None:
+        pytest.skip("needs `java` on the PATH")
+    env = {**os.environ, "PATH": os.environ["PATH"] if java_on_path else ""}
+    command = [sys.executable, "-m", "imgcap_hf", "evaluate", "--model", str(saved_tiny_captioner), "--dataset",
+               "shapes", "--max_samples", "4", "--max_new_tokens", "4"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["tokenizer"] == (
+        "ptb-java" if java_on_path else "python"
+    )
+    if not java_on_path:
+        refused = subprocess.run([*command, "--caption_tokenizer", "ptb-java"], capture_output=True, text=True,
+                                 timeout=300, env=env, cwd=REPO_ROOT)  # fmt: skip
+        assert refused.returncode == 2 and "needs `java` on the PATH" in refused.stderr
 
 
 # --- Scores worked out by hand -----------------------------------------------------------------------------------
@@ -173,7 +340,7 @@ def test_scores_equal_pycocoevalcap_classes_on_a_small_example():
         ["a woman holding an umbrella"],
     ]
     # Lower-case text without punctuation comes out of the tokenizer unchanged.
-    assert all(coco_tokenize(caption) == caption for caption in predictions + sum(references, []))
+    assert all(python_tokenize(caption) == caption for caption in predictions + sum(references, []))
     expected = pycocoevalcap_scores(dict(enumerate(references)), {i: [p] for i, p in enumerate(predictions)})
     scores = compute_caption_metrics(predictions, references, include_meteor=False)
     assert {key: scores[key] for key in SCORE_KEYS} == pytest.approx(expected, abs=1e-12)
@@ -232,7 +399,7 @@ def test_meteor_equals_pycocoevalcap_meteor():
         ["A red car parked on the street .", "..."],
     ]
     scores = compute_caption_metrics(predictions, references, include_meteor=True)
-    # pycocoevalcap's Meteor().compute_score(gts, res) on these captions tokenized by coco_tokenize (an empty
+    # pycocoevalcap's Meteor().compute_score(gts, res) on these captions tokenized by the PTB tokenizer (an empty
     # prediction and an empty reference included) returns 0.33837134650286305. It is not rerun here: each METEOR
     # start loads a paraphrase table in a new JVM (about 5 s).
     assert scores["meteor"] == pytest.approx(0.33837134650286305, abs=1e-12)

@@ -1,0 +1,25 @@
+"""Caption scores as coco-caption computes them, and the two caption tokenizers they can run on.
+
+- ``coco_metrics``: ``compute_caption_metrics`` (BLEU-1..4, CIDEr-D, ROUGE-L, METEOR) and the tokenizer choice.
+- ``java_tokenizer``: coco-caption's own PTB tokenizer jar, run as a separate process (the default with Java).
+- ``python_tokenizer``: our tokenizer of the same conventions, for machines without Java.
+"""
+
+from .coco_metrics import (
+    CAPTION_TOKENIZERS,
+    compute_caption_metrics,
+    resolve_caption_tokenizer,
+    tokenize_captions_for_scoring,
+)
+from .java_tokenizer import java_available, java_tokenize
+from .python_tokenizer import python_tokenize
+
+__all__ = [
+    "CAPTION_TOKENIZERS",
+    "compute_caption_metrics",
+    "java_available",
+    "java_tokenize",
+    "python_tokenize",
+    "resolve_caption_tokenizer",
+    "tokenize_captions_for_scoring",
+]
