@@ -41,7 +41,7 @@ from PIL import Image
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
 from imgcap_hf.data import write_shapes_examples
 from imgcap_hf.loading import load_captioner
-from imgcap_hf.tokenization_imgcap import SPACE_TOKEN
+from imgcap_hf.models.imgcap.tokenization_imgcap import SPACE_TOKEN
 
 # The folder `make demo` trains into; used when no model is named.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "outputs" / "shapes-attention"

@@ -16,7 +16,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers.modeling_outputs import BaseModelOutput
 
-from .image_processing_imgcap import load_image
+from .models.imgcap.image_processing_imgcap import load_image
 
 
 def tokenize_captions(tokenizer, split: Dataset, max_length: int) -> list[list[list[int]]]:

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModel, ResNetConfig, ResNetForImageClassification, ResNetModel
 
 from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
-from imgcap_hf.modeling_imgcap import _lstm_cell
+from imgcap_hf.models.imgcap.modeling_imgcap import _lstm_cell
 
 VOCAB_SIZE = 40
 DECODER_TYPES = ["attention", "lstm"]
