@@ -1,11 +1,14 @@
 """Hub-ready serialisation: the README's usage, Auto classes, remote code without our package, the pipeline."""
 
+import ast
 import json
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import run_without_imgcap
+from conftest import SHIPPED_FOLDER, run_without_imgcap, shipped_files
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
 
@@ -38,6 +41,55 @@ def test_saved_folder_holds_the_remote_code_and_safetensors_only(saved_tiny_capt
     auto_map = json.loads((saved_tiny_captioner / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == "modeling_imgcap.ImgCapForConditionalGeneration"
     assert auto_map["AutoConfig"] == "configuration_imgcap.ImgCapConfig"
+
+
+# What remote code may import besides the standard library: what transformers itself needs (huggingface_hub is its
+# dependency, and transformers' own configuration files import `strict` from it).
+SHIPPED_THIRD_PARTY_IMPORTS = {"torch", "transformers", "numpy", "PIL", "huggingface_hub"}
+
+
+def imports_of(path) -> list[tuple[int, str]]:
+    """(relative level, dotted name) of every import in `path`, indented ones too (as transformers' `check_imports`
+    reads them), one entry per imported name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=path.name)):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.level, node.module))
+        elif isinstance(node, ast.ImportFrom):  # `from . import name`: the names are modules
+            found += [(node.level, alias.name) for alias in node.names]
+    return found
+
+
+def test_shipped_folder_imports_only_itself_and_the_model_stack():
+    """Remote code runs where only the saved folder exists: a shipped file that imports the library around it (data,
+    loading, ...) or another package would fail for Hub users (or make them install it)."""
+    siblings = {Path(name).stem for name in shipped_files()}
+    third_party_or_stdlib = SHIPPED_THIRD_PARTY_IMPORTS | set(sys.stdlib_module_names)
+
+    def allowed(level: int, name: str) -> bool:
+        top = name.split(".")[0]
+        return top in siblings if level == 1 else level == 0 and top in third_party_or_stdlib
+
+    outside = [
+        f"{path.name}: {'.' * level}{name}"
+        for path in sorted(SHIPPED_FOLDER.glob("*.py"))
+        for level, name in imports_of(path)
+        if not allowed(level, name)
+    ]
+    assert not outside, outside
+
+
+def test_save_pretrained_ships_exactly_the_shipped_folder(saved_tiny_captioner):
+    """The remote code in a saved folder is the shipped folder's files, flat beside config.json, byte for byte."""
+    saved = {path.name: path.read_bytes() for path in saved_tiny_captioner.glob("*.py")}
+    assert saved == shipped_files()
+    assert set(saved) == {
+        "configuration_imgcap.py", "modeling_imgcap.py", "tokenization_imgcap.py", "image_processing_imgcap.py",
+        "processing_imgcap.py",
+    }  # fmt: skip
+    assert not [path for path in saved_tiny_captioner.iterdir() if path.is_dir()]
 
 
 def test_readme_usage_round_trips(saved_tiny_captioner):

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import yaml
-from conftest import TINY_TRAIN_VISION, run_without_imgcap
+from conftest import TINY_TRAIN_VISION, run_without_imgcap, shipped_files
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image, ImageDraw
@@ -94,6 +94,11 @@ def test_model_repo_holds_only_what_from_pretrained_needs(trained_run, dry_run):
     assert str(trained_run) in (trained_run / "training_args.json").read_text()
     assert str(trained_run.parent) not in training_args and str(REPO_ROOT) not in training_args
     assert json.loads(training_args)["output_dir"] == trained_run.name
+
+
+def test_model_repo_code_is_exactly_the_shipped_folder(dry_run):
+    staged = files_under(dry_run / "model")
+    assert {name: content for name, content in staged.items() if name.endswith(".py")} == shipped_files()
 
 
 def test_staged_model_captions_without_our_package(trained_run, dry_run, tmp_path):
