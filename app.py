@@ -202,7 +202,7 @@ def model_defaults(captioner: Captioner | None) -> DecodingSettings:
 @dataclasses.dataclass
 class CaptionResult:
     captions: list[tuple[str, float]]  # (caption, score), best first
-    word_attention: list[tuple[str, np.ndarray]]  # best caption: (word, (regions,) weights); empty for lstm models
+    word_attention: list[tuple[str, np.ndarray]]  # best caption: (word, (regions,) weights); empty for pooled models
 
 
 def caption_image(

@@ -111,7 +111,7 @@ def build_tiny_captioner(decoder_type: str = "attention", seed: int = 0):
     return ImgCapForConditionalGeneration(config).eval(), processor
 
 
-@pytest.fixture(scope="session", params=["attention", "lstm"])
+@pytest.fixture(scope="session", params=["attention", "pooled"])
 def saved_tiny_captioner(request, tmp_path_factory) -> Path:
     """A tiny captioner saved with `save_pretrained` (model + processor), one per decoder type."""
     model, processor = build_tiny_captioner(request.param)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import SHIPPED_FOLDER, run_without_imgcap, shipped_files
+from conftest import SHIPPED_FOLDER, build_tiny_captioner, run_without_imgcap, shipped_files
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, pipeline
 
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
+from imgcap_hf.loading import load_captioner
 
 
 def sample_images() -> list[Image.Image]:
@@ -166,3 +167,43 @@ def test_generation_config_is_saved_and_used(saved_tiny_captioner):
     assert ids.shape[1] <= 9
     assert torch.equal(ids, model.generate(**processor(images=sample_images(), return_tensors="pt"), num_beams=2,
                                            max_new_tokens=8))  # fmt: skip
+
+
+def test_a_saved_config_that_says_lstm_loads_as_the_pooled_decoder(tmp_path):
+    """Folders saved before the Show-and-Tell decoder was named "pooled" say `"decoder_type": "lstm"`: they load with
+    our package and as remote code without it, caption as before, and are saved again under the current name."""
+    model, processor = build_tiny_captioner("pooled")
+    folder = tmp_path / "older-folder"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "decoder_type": "lstm"}))
+    image_path = tmp_path / "image.png"
+    sample_images()[0].save(image_path)
+    expected = captions_with(model, processor, num_beams=3, max_new_tokens=8)
+
+    for loaded, loaded_processor in (
+        (ImgCapForConditionalGeneration.from_pretrained(folder), ImgCapProcessor.from_pretrained(folder)),
+        load_captioner(folder),
+        (AutoModelForImageTextToText.from_pretrained(folder), AutoProcessor.from_pretrained(folder)),
+    ):
+        assert loaded.config.decoder_type == "pooled"
+        assert captions_with(loaded, loaded_processor, num_beams=3, max_new_tokens=8) == expected
+    loaded.save_pretrained(tmp_path / "saved-again")
+    assert json.loads((tmp_path / "saved-again" / "config.json").read_text())["decoder_type"] == "pooled"
+
+    script = textwrap.dedent(
+        f"""
+        import json
+        from PIL import Image
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        folder = {str(folder)!r}
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        ids = model.generate(**processor(images=[Image.open({str(image_path)!r})], return_tensors="pt"), num_beams=3,
+                             max_new_tokens=8)
+        print(json.dumps({{"decoder_type": model.config.decoder_type,
+                           "caption": processor.batch_decode(ids, skip_special_tokens=True)[0]}}))
+        """
+    )
+    assert run_without_imgcap(script, tmp_path) == {"decoder_type": "pooled", "caption": expected[0]}

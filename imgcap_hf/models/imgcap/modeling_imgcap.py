@@ -312,9 +312,10 @@ class ImgCapAttentionDecoder(nn.Module):
         return logits, attention_weights, hiddens[-1], new_state
 
 
-class ImgCapLSTMDecoder(nn.Module):
-    """Show-and-Tell decoder: the pooled image feature, through a two-layer head and a projection, is the LSTM's first
-    input; the words follow. Sizes follow the published ImgCap head (Linear-ReLU-Dropout-Linear-ReLU, then Linear)."""
+class ImgCapPooledDecoder(nn.Module):
+    """Show-and-Tell decoder (`decoder_type="pooled"`): the image enters once, as one pooled feature that, through a
+    two-layer head and a projection, is the LSTM's first input; the words follow. Sizes follow the published ImgCap
+    head (Linear-ReLU-Dropout-Linear-ReLU, then Linear)."""
 
     def __init__(self, config: ImgCapConfig):
         super().__init__()
@@ -346,7 +347,7 @@ class ImgCapLSTMDecoder(nn.Module):
 
         The image head runs once per caption, not once per image: its dropout then draws a mask of its own for every
         caption, as the published model did. Sharing one mask among an image's five captions was measured to cost
-        test CIDEr on the shapes set (`python train.py --config configs/shapes_lstm.yaml`: 1.56 against 1.89); the
+        test CIDEr on the shapes set (`python train.py --config configs/shapes_pooled.yaml`: 1.56 against 1.89); the
         head is small next to the rest of a step.
         """
         # (images, feature_size): global max or average pool over the grid
@@ -382,7 +383,7 @@ class ImgCapPreTrainedModel(PreTrainedModel):
     config_class = ImgCapConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _no_split_modules = ["ImgCapAttentionDecoder", "ImgCapLSTMDecoder"]
+    _no_split_modules = ["ImgCapAttentionDecoder", "ImgCapPooledDecoder"]
 
     def _init_weights(self, module: nn.Module) -> None:
         """PyTorch's own defaults for the decoder layers, as the published model used.
@@ -397,7 +398,7 @@ class ImgCapPreTrainedModel(PreTrainedModel):
 
 
 class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
-    """Image captioner: vision backbone + LSTM decoder (`config.decoder_type` `"attention"` or `"lstm"`).
+    """Image captioner: vision backbone + LSTM decoder (`config.decoder_type` `"attention"` or `"pooled"`).
 
     Example:
 
@@ -423,7 +424,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         if config.decoder_type == "attention":
             self.decoder = ImgCapAttentionDecoder(config)
         else:
-            self.decoder = ImgCapLSTMDecoder(config)
+            self.decoder = ImgCapPooledDecoder(config)
         self.post_init()
         self.freeze_encoder(config.freeze_encoder)
 
@@ -467,7 +468,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         The weights are read from safetensors only (a `pytorch_model.bin` is a pickle, never loaded).
 
         ```python
-        >>> model = ImgCapForConditionalGeneration.from_vision_pretrained("microsoft/resnet-50", decoder_type="lstm")
+        >>> model = ImgCapForConditionalGeneration.from_vision_pretrained("microsoft/resnet-50", decoder_type="pooled")
         ```
         """
         vision_kwargs = dict(vision_kwargs or {})
@@ -552,7 +553,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
             state = cache
 
         scheduled_sampling = self.training and teacher_forcing_ratio < 1.0
-        if self.config.decoder_type == "lstm" and not scheduled_sampling:
+        if self.config.decoder_type == "pooled" and not scheduled_sampling:
             # Every input word is known: one fused cuDNN/oneDNN LSTM call over the whole caption.
             logits, top_hidden, state = self.decoder.run(decoder_input_ids, state)
             attention_weights = None
@@ -580,7 +581,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
     def _decode_step_by_step(
         self, decoder_input_ids: torch.LongTensor, state: ImgCapDecoderState, teacher_forcing_ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ImgCapDecoderState]:
-        """Run the decoder one word at a time (the attention decoder always; the LSTM decoder under scheduled
+        """Run the decoder one word at a time (the attention decoder always; the pooled decoder under scheduled
         sampling). With `teacher_forcing_ratio < 1`, each caption's input at step t > 0 is, with probability
         `1 - ratio`, the model's own greedy prediction from step t - 1 instead of the true word."""
         batch_size, num_steps = decoder_input_ids.shape
