@@ -201,8 +201,8 @@ def test_decoder_cells_compute_what_nn_lstmcell_computes():
     model = tiny_model("attention")
     cell = model.decoder.cells[0]
     inputs, hidden, cell_state = (torch.randn(4, size) for size in (cell.input_size, 32, 32))
-    weights = model.decoder.step_weights(gather_gradients=False)
-    input_matmul, hidden_matmul, bias = weights.cells[0]
+    products = model.decoder.step_products(gather_gradients=False)
+    input_matmul, hidden_matmul, bias = products.cells[0]
     ours = _lstm_cell(inputs, hidden, cell_state, input_matmul, hidden_matmul, bias)
     torch.testing.assert_close(ours, cell(inputs, (hidden, cell_state)))
 
