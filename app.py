@@ -41,7 +41,7 @@ from PIL import Image
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
 from imgcap_hf.data import write_shapes_examples
 from imgcap_hf.loading import load_captioner
-from imgcap_hf.tokenization_imgcap import SPACE_TOKEN
+from imgcap_hf.models.imgcap.tokenization_imgcap import SPACE_TOKEN
 
 # The folder `make demo` trains into; used when no model is named.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "outputs" / "shapes-attention"
@@ -202,7 +202,7 @@ def model_defaults(captioner: Captioner | None) -> DecodingSettings:
 @dataclasses.dataclass
 class CaptionResult:
     captions: list[tuple[str, float]]  # (caption, score), best first
-    word_attention: list[tuple[str, np.ndarray]]  # best caption: (word, (regions,) weights); empty for lstm models
+    word_attention: list[tuple[str, np.ndarray]]  # best caption: (word, (regions,) weights); empty for pooled models
 
 
 def caption_image(

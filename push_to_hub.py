@@ -33,6 +33,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors import safe_open
 
+from imgcap_hf.models.imgcap.configuration_imgcap import canonical_decoder_type
+
 REPO_ROOT = Path(__file__).resolve().parent
 APP_FILE = REPO_ROOT / "app.py"
 SPACE_MODELS_VARIABLE = "IMGCAP_MODELS"  # comma-separated model ids; app.py reads it
@@ -63,7 +65,7 @@ DECODERS = {  # decoder_type: (tag, description)
         "a CNN encoder and an LSTM decoder with soft (additive) attention over a grid of image regions, as in "
         "Show, Attend and Tell",
     ),
-    "lstm": (
+    "pooled": (
         "show-and-tell",
         "a CNN encoder whose pooled image vector is the first input of an LSTM decoder, as in Show and Tell",
     ),
@@ -267,7 +269,7 @@ def build_model_card(records: RunRecords, repo_id: str, license_id: str) -> str:
     run's records."""
     results, args, config = records.results, records.training_args, records.config
     generation = results["generation"]
-    decoder_type = config["decoder_type"]
+    decoder_type = canonical_decoder_type(config["decoder_type"])  # older folders say "lstm"
     decoder_tag, decoder_description = DECODERS[decoder_type]
     data = dataset_facts(records)
     lang = args.get("lang", "en")

@@ -2,7 +2,7 @@
 
     python train.py                                   # the CPU demo: attention model on the built-in shapes set
     accelerate launch train.py --config configs/flickr30k_attention.yaml
-    python train.py --config configs/shapes_lstm.yaml --num_train_epochs 2 --output_dir outputs/lstm
+    python train.py --config configs/shapes_pooled.yaml --num_train_epochs 2 --output_dir outputs/pooled
 
 Settings come from a YAML recipe (`--config`, default `configs/shapes_attention.yaml`); command-line flags override
 it, and the resolved settings are saved beside the model. The script reads top to bottom: arguments, set-up, data,
@@ -44,6 +44,7 @@ from imgcap_hf import (
 from imgcap_hf.batching import ImageCaptionCollator, encode_images, image_inputs, tokenize_captions
 from imgcap_hf.data import load_caption_dataset
 from imgcap_hf.evaluation import evaluate_split
+from imgcap_hf.models.imgcap.configuration_imgcap import canonical_decoder_type
 from imgcap_hf.scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
 
 logger = get_logger(__name__)
@@ -86,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--decoder_type", choices=["attention", "lstm"], default="attention")
+    model.add_argument(
+        "--decoder_type", type=canonical_decoder_type, choices=ImgCapConfig.decoder_types, default="attention"
+    )  # "lstm", the older name of "pooled", is read as "pooled"
     model.add_argument(
         "--vision_model_name_or_path", default=None, help="Pretrained backbone (e.g. microsoft/resnet-50)."
     )

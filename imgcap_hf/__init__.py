@@ -12,12 +12,12 @@ from transformers import (
     AutoTokenizer,
 )
 
-from .configuration_imgcap import ImgCapConfig
-from .image_processing_imgcap import ImgCapImageProcessor, load_image, to_rgb_image
-from .modeling_imgcap import ImgCapForConditionalGeneration, ImgCapPreTrainedModel
-from .pipeline_imgcap import ImgCapCaptioningPipeline
-from .processing_imgcap import ImgCapProcessor
-from .tokenization_imgcap import ImgCapTokenizer
+from .models.imgcap.configuration_imgcap import ImgCapConfig
+from .models.imgcap.image_processing_imgcap import ImgCapImageProcessor, load_image, to_rgb_image
+from .models.imgcap.modeling_imgcap import ImgCapForConditionalGeneration, ImgCapPreTrainedModel
+from .models.imgcap.processing_imgcap import ImgCapProcessor
+from .models.imgcap.tokenization_imgcap import ImgCapTokenizer
+from .pipeline import ImgCapCaptioningPipeline
 
 AutoConfig.register(ImgCapConfig.model_type, ImgCapConfig, exist_ok=True)
 AutoModelForImageTextToText.register(ImgCapConfig, ImgCapForConditionalGeneration, exist_ok=True)

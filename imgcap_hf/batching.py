@@ -16,7 +16,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers.modeling_outputs import BaseModelOutput
 
-from .image_processing_imgcap import load_image
+from .models.imgcap.image_processing_imgcap import load_image
 
 
 def tokenize_captions(tokenizer, split: Dataset, max_length: int) -> list[list[list[int]]]:
@@ -34,9 +34,10 @@ def tokenize_captions(tokenizer, split: Dataset, max_length: int) -> list[list[l
 class ImageCaptionCollator:
     """Builds a batch from a list of image rows of `split`.
 
-    Returns `image_rows` (the rows, to find references and ids again), then either `encoder_features` (from
-    `features`, a tensor indexed by row) or `pixel_values` (images run through `image_processor`), and when
-    `caption_ids` are given, `labels` (each caption without `<sos>`, padded with -100) with `image_indices`.
+    Returns `dataset_rows` (the rows of `split`, to find references and ids again), then either `encoder_features`
+    (from `features`, a tensor indexed by row) or `pixel_values` (images run through `image_processor`), and when
+    `caption_ids` are given, `labels` (each caption without `<sos>`, padded with -100) with `image_indices` (for
+    each caption, the position of its image in this batch: the model's `image_indices` argument).
 
     Image files are opened with `load_image(file, min_side=image_processor.load_min_side)`, exactly as the CLI and
     the pipeline open them: the same EXIF rotation, first frame of an animation and RGB conversion, and a large JPEG
@@ -64,7 +65,7 @@ class ImageCaptionCollator:
             self._files = split.cast_column("image", datasets.Image(decode=False))
 
     def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        batch = {"image_rows": torch.tensor(rows, dtype=torch.long)}
+        batch = {"dataset_rows": torch.tensor(rows, dtype=torch.long)}
         if self.features is not None:
             batch["encoder_features"] = self.features[rows].float()  # (images, regions, feature_size)
         else:

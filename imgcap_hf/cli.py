@@ -21,8 +21,8 @@ import sys
 import torch
 
 from .data import load_caption_dataset
-from .image_processing_imgcap import load_image
 from .loading import load_captioner
+from .models.imgcap.image_processing_imgcap import load_image
 from .scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
 
 

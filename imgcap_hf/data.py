@@ -4,7 +4,7 @@ Every loader returns a `datasets.DatasetDict` with the splits `train`, `validati
 
 - `image_id` (string, unique per image): the file name (Flickr30k) or the path relative to the folder (imagefolder),
 - `image` (`datasets.Image()`): decoded lazily to PIL by datasets; the training code turns it into RGB with
-  `imgcap_hf.image_processing_imgcap.to_rgb_image`, so nothing here converts pixels,
+  `imgcap_hf.models.imgcap.image_processing_imgcap.to_rgb_image`, so nothing here converts pixels,
 - `captions` (`List(Value("string"))`): every caption of that image.
 
 Alongside comes a `DataReport` saying what was repaired or skipped and why, so that a dirty download is visible
@@ -40,7 +40,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value
 from PIL import Image, ImageDraw
 
-from .image_processing_imgcap import load_image
+from .models.imgcap.image_processing_imgcap import load_image
 
 SPLITS = ("train", "validation", "test")
 CAPTION_FEATURES = Features(

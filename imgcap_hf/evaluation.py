@@ -34,7 +34,7 @@ def generate_split_captions(
     for batch in dataloader:
         sequences = unwrapped.generate(**image_inputs(batch), **generation_kwargs)
         sequences = accelerator.pad_across_processes(sequences, dim=1, pad_index=tokenizer.pad_token_id)
-        rows, sequences = accelerator.gather_for_metrics((batch["image_rows"], sequences))
+        rows, sequences = accelerator.gather_for_metrics((batch["dataset_rows"], sequences))
         texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
         captions.update(zip(rows.tolist(), texts))
     unwrapped.train(was_training)

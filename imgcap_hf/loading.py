@@ -18,9 +18,9 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from .configuration_imgcap import ImgCapConfig
-from .modeling_imgcap import ImgCapForConditionalGeneration
-from .processing_imgcap import ImgCapProcessor
+from .models.imgcap.configuration_imgcap import ImgCapConfig
+from .models.imgcap.modeling_imgcap import ImgCapForConditionalGeneration
+from .models.imgcap.processing_imgcap import ImgCapProcessor
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

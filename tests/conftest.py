@@ -15,6 +15,13 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CAPTIONS = REPO_ROOT.parent / "shared" / "data" / "flickr30k_captions_sample.csv"
+# The remote code Hub users run: every module of this folder except its (unshipped) __init__.py.
+SHIPPED_FOLDER = REPO_ROOT / "imgcap_hf" / "models" / "imgcap"
+
+
+def shipped_files() -> dict[str, bytes]:
+    """Name and content of every file that `save_pretrained` and push_to_hub.py must ship as remote code."""
+    return {path.name: path.read_bytes() for path in sorted(SHIPPED_FOLDER.glob("*.py")) if path.name != "__init__.py"}
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +111,7 @@ def build_tiny_captioner(decoder_type: str = "attention", seed: int = 0):
     return ImgCapForConditionalGeneration(config).eval(), processor
 
 
-@pytest.fixture(scope="session", params=["attention", "lstm"])
+@pytest.fixture(scope="session", params=["attention", "pooled"])
 def saved_tiny_captioner(request, tmp_path_factory) -> Path:
     """A tiny captioner saved with `save_pretrained` (model + processor), one per decoder type."""
     model, processor = build_tiny_captioner(request.param)

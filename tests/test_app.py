@@ -266,7 +266,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     """The app on 127.0.0.1 with both tiny decoders, launched with the production settings; closed afterwards."""
     directories = []
-    for decoder_type in ("attention", "lstm"):
+    for decoder_type in ("attention", "pooled"):
         model, processor = build_tiny_captioner(decoder_type)
         directory = tmp_path_factory.mktemp(f"app-{decoder_type}")
         model.generation_config.update(max_new_tokens=8, num_beams=2)
@@ -274,7 +274,7 @@ def server(tmp_path_factory):
         processor.save_pretrained(directory)
         directories.append(str(directory))
     demo = app.build_demo(directories, examples_dir=tmp_path_factory.mktemp("app-examples"))
-    demo.model_labels = [f"{kind} ({Path(path).name})" for kind, path in zip(("attention", "lstm"), directories)]
+    demo.model_labels = [f"{kind} ({Path(path).name})" for kind, path in zip(("attention", "pooled"), directories)]
     app.launch_demo(demo, "127.0.0.1", _free_port(), prevent_thread_lock=True)
     try:
         yield demo

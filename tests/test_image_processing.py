@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcap_hf.image_processing_imgcap import ImgCapImageProcessor, load_image, to_rgb_image
-from imgcap_hf.processing_imgcap import ImgCapProcessor
-from imgcap_hf.tokenization_imgcap import ImgCapTokenizer
+from imgcap_hf.models.imgcap.image_processing_imgcap import ImgCapImageProcessor, load_image, to_rgb_image
+from imgcap_hf.models.imgcap.processing_imgcap import ImgCapProcessor
+from imgcap_hf.models.imgcap.tokenization_imgcap import ImgCapTokenizer
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 MID_GREY = (128, 128, 128)

@@ -5,10 +5,10 @@ import torch
 from transformers import AutoModel, ResNetConfig, ResNetForImageClassification, ResNetModel
 
 from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
-from imgcap_hf.modeling_imgcap import _lstm_cell
+from imgcap_hf.models.imgcap.modeling_imgcap import _lstm_cell
 
 VOCAB_SIZE = 40
-DECODER_TYPES = ["attention", "lstm"]
+DECODER_TYPES = ["attention", "pooled"]
 TINY_RESNET = {"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 24, 32], "embedding_size": 8}
 
 
@@ -81,7 +81,7 @@ def test_default_config_is_the_published_resnet50_design():
 @pytest.mark.parametrize(
     "decoder_type, trainable, frozen",
     # The published figures: 29.38M trainable / 23.51M frozen (CNN + LSTM), 36.72M trainable (attention).
-    [("lstm", 29_383_680, 23_508_032), ("attention", 36_722_689, 23_508_032)],
+    [("pooled", 29_383_680, 23_508_032), ("attention", 36_722_689, 23_508_032)],
 )
 def test_default_parameter_counts_match_the_published_model(decoder_type, trainable, frozen):
     model = ImgCapForConditionalGeneration(ImgCapConfig(decoder_type=decoder_type))
@@ -125,7 +125,7 @@ def test_loss_ignores_padding_positions(decoder_type):
 
 
 def test_decoder_inputs_from_labels_shift_right_and_replace_ignored_positions():
-    model = tiny_model("lstm")
+    model = tiny_model("pooled")
     labels = torch.tensor([[10, 11, 3, -100], [12, 3, -100, -100]])
     expected = torch.tensor([[2, 10, 11, 3], [2, 12, 3, 1]])
     assert torch.equal(model.prepare_decoder_input_ids_from_labels(labels), expected)
@@ -201,8 +201,8 @@ def test_decoder_cells_compute_what_nn_lstmcell_computes():
     model = tiny_model("attention")
     cell = model.decoder.cells[0]
     inputs, hidden, cell_state = (torch.randn(4, size) for size in (cell.input_size, 32, 32))
-    weights = model.decoder.step_weights(gather_gradients=False)
-    input_matmul, hidden_matmul, bias = weights.cells[0]
+    products = model.decoder.step_products(gather_gradients=False)
+    input_matmul, hidden_matmul, bias = products.cells[0]
     ours = _lstm_cell(inputs, hidden, cell_state, input_matmul, hidden_matmul, bias)
     torch.testing.assert_close(ours, cell(inputs, (hidden, cell_state)))
 
@@ -237,8 +237,8 @@ def test_scheduled_sampling_feeds_back_the_models_own_predictions():
     assert not torch.equal(teacher_forced.logits, free_running.logits)
 
 
-def test_scheduled_sampling_mixes_truth_and_predictions_for_the_lstm_decoder():
-    model = tiny_model("lstm").train()
+def test_scheduled_sampling_mixes_truth_and_predictions_for_the_pooled_decoder():
+    model = tiny_model("pooled").train()
     images, labels = random_images(), random_labels(length=12)
     torch.manual_seed(0)
     mixed = model(pixel_values=images, labels=labels, teacher_forcing_ratio=0.5).logits
@@ -251,7 +251,7 @@ def test_scheduled_sampling_mixes_truth_and_predictions_for_the_lstm_decoder():
 def test_normalized_image_input_stays_at_unit_scale_however_large_the_image_path_grows():
     """In training from a random encoder, the image input grew by orders of magnitude until the LSTM gates saturated
     and the image was ignored; with `normalize_image_input` the first-step input keeps unit scale per image."""
-    model = tiny_model("lstm", normalize_image_input=True)
+    model = tiny_model("pooled", normalize_image_input=True)
     recorded = []
     model.decoder.lstm.register_forward_pre_hook(lambda module, inputs: recorded.append(inputs[0]))
     with torch.no_grad():
@@ -263,10 +263,10 @@ def test_normalized_image_input_stays_at_unit_scale_however_large_the_image_path
 
 
 def test_max_pooling_reads_the_strongest_region():
-    model = tiny_model("lstm", image_pooling="max")
+    model = tiny_model("pooled", image_pooling="max")
     regions = torch.zeros(2, 4, 32)
     regions[1, 3] = 5.0  # one strong region: the max sees it whole, the mean would see a quarter of it
-    mean_model = tiny_model("lstm")
+    mean_model = tiny_model("pooled")
     mean_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         max_state = model._initial_state(regions)
@@ -274,7 +274,7 @@ def test_max_pooling_reads_the_strongest_region():
     torch.testing.assert_close(max_state.hidden[:, 1], mean_state.hidden[:, 1])
 
 
-@pytest.mark.parametrize("decoder_type", ["attention", "lstm"])
+@pytest.mark.parametrize("decoder_type", ["attention", "pooled"])
 def test_one_encoder_pass_serves_several_captions_per_image(decoder_type):
     model = tiny_model(decoder_type)
     images, labels = random_images(batch_size=2), random_labels(batch_size=4)
@@ -285,10 +285,10 @@ def test_one_encoder_pass_serves_several_captions_per_image(decoder_type):
     torch.testing.assert_close(shared.loss, repeated.loss)
 
 
-def test_lstm_image_head_dropout_draws_a_mask_per_caption_not_per_image():
+def test_pooled_image_head_dropout_draws_a_mask_per_caption_not_per_image():
     """Captions sharing an image still get their own dropout mask in the image head (the published regularisation;
     one mask per image cost test CIDEr on the shapes set)."""
-    model = tiny_model("lstm", dropout=0.5).train()
+    model = tiny_model("pooled", dropout=0.5).train()
     regions = model.encoder(random_images(batch_size=1)).last_hidden_state  # (1, regions, feature_size)
     state = model._initial_state(regions, image_indices=torch.zeros(4, dtype=torch.long))
     assert state.hidden.shape[1] == 4

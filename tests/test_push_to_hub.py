@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import yaml
-from conftest import TINY_TRAIN_VISION, run_without_imgcap
+from conftest import TINY_TRAIN_VISION, run_without_imgcap, shipped_files
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image, ImageDraw
@@ -94,6 +94,11 @@ def test_model_repo_holds_only_what_from_pretrained_needs(trained_run, dry_run):
     assert str(trained_run) in (trained_run / "training_args.json").read_text()
     assert str(trained_run.parent) not in training_args and str(REPO_ROOT) not in training_args
     assert json.loads(training_args)["output_dir"] == trained_run.name
+
+
+def test_model_repo_code_is_exactly_the_shipped_folder(dry_run):
+    staged = files_under(dry_run / "model")
+    assert {name: content for name, content in staged.items() if name.endswith(".py")} == shipped_files()
 
 
 def test_staged_model_captions_without_our_package(trained_run, dry_run, tmp_path):
@@ -183,7 +188,8 @@ def test_model_card_names_the_dataset_without_local_paths(trained_run, layout, d
 @pytest.mark.skipif(not HAS_APP, reason="app.py (written by the app's author) is not in the repository yet")
 def test_space_imports_its_app_from_its_own_folder(dry_run, tmp_path):
     space = dry_run / "space"
-    assert {"app.py", "requirements.txt", "README.md", "imgcap_hf/__init__.py", "imgcap_hf/modeling_imgcap.py"} <= set(
+    shipped_model_file = "imgcap_hf/models/imgcap/modeling_imgcap.py"
+    assert {"app.py", "requirements.txt", "README.md", "imgcap_hf/__init__.py", shipped_model_file} <= set(
         files_under(space)
     )
     assert not list(space.rglob("test*")) and not list(space.rglob("__pycache__"))

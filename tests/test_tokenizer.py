@@ -14,7 +14,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 # Importing the package registers ImgCapTokenizer for AutoTokenizer remote code (save_pretrained writes auto_map).
-from imgcap_hf.tokenization_imgcap import ARABIC_LETTERS, LATIN_LETTERS, SPACE_TOKEN, ImgCapTokenizer
+from imgcap_hf.models.imgcap.tokenization_imgcap import ARABIC_LETTERS, LATIN_LETTERS, SPACE_TOKEN, ImgCapTokenizer
 
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<sos>", "<eos>"]
 

@@ -20,15 +20,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("decoder_type", ["attention", "lstm"])
+@pytest.mark.parametrize("decoder_type", ["attention", "pooled"])
 def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
     uploads = []  # the network edge: record what would be sent to the Hub instead of sending it
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: uploads.append(("create", repo_id)))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: uploads.append(("upload", kwargs)))
-    # The lstm run keeps its encoder frozen, so it trains and evaluates from the feature cache.
-    encoder = ["--freeze_encoder"] if decoder_type == "lstm" else ["--no-freeze_encoder"]
+    # The pooled run keeps its encoder frozen, so it trains and evaluates from the feature cache.
+    encoder = ["--freeze_encoder"] if decoder_type == "pooled" else ["--no-freeze_encoder"]
     results = train.main(
         tiny_args(tmp_path, decoder_type, *encoder, "--num_train_epochs", "3", "--with_tracking", "--push_to_hub",
                   "--hub_model_id", "someone/tiny-captioner")
@@ -130,6 +130,16 @@ def test_recipes_parse_and_unknown_keys_are_rejected(tmp_path):
         train.parse_args(["--config", str(bad)])
 
 
+def test_the_older_decoder_name_lstm_is_read_as_pooled(tmp_path):
+    """Recipes and command lines written before the rename say `decoder_type: lstm`."""
+    assert train.parse_args(["--decoder_type", "lstm"]).decoder_type == "pooled"
+    older_recipe = tmp_path / "older.yaml"
+    older_recipe.write_text("decoder_type: lstm\n")
+    assert train.parse_args(["--config", str(older_recipe)]).decoder_type == "pooled"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--decoder_type", "transformer"])
+
+
 @pytest.mark.slow
 def test_two_process_ddp_run_with_accelerate_launch(tmp_path):
     # accelerate's `--cpu` launcher starts a single process; `--multi_gpu` starts torchrun, and train.py then picks
@@ -137,7 +147,7 @@ def test_two_process_ddp_run_with_accelerate_launch(tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
-        *tiny_args(tmp_path / "ddp", "lstm", "--num_train_epochs", "1"),
+        *tiny_args(tmp_path / "ddp", "pooled", "--num_train_epochs", "1"),
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
@@ -145,7 +155,7 @@ def test_two_process_ddp_run_with_accelerate_launch(tmp_path):
     results = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
     assert results["test_num_images"] == 16  # every test image scored exactly once across the two processes
     assert results["completed_steps"] == 6  # 96 images / (8 per device x 2 processes)
-    assert ImgCapForConditionalGeneration.from_pretrained(tmp_path / "ddp").config.decoder_type == "lstm"
+    assert ImgCapForConditionalGeneration.from_pretrained(tmp_path / "ddp").config.decoder_type == "pooled"
 
 
 def test_cli_caption_and_evaluate(saved_tiny_captioner, tmp_path):

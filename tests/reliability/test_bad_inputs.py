@@ -284,7 +284,7 @@ def test_extreme_aspect_ratios_are_trimmed_before_the_resize(monkeypatch):
     gradient = Image.fromarray(np.tile(np.linspace(0, 255, 1000).astype(np.uint8), (20, 1))).convert("RGB")
     within = scene(4 * 30, 30)
     trimmed = [tiny(image, return_tensors="pt")["pixel_values"] for image in (gradient, within)]
-    monkeypatch.setattr("imgcap_hf.image_processing_imgcap.MAX_ASPECT_RATIO", 10**6)
+    monkeypatch.setattr("imgcap_hf.models.imgcap.image_processing_imgcap.MAX_ASPECT_RATIO", 10**6)
     untrimmed = [tiny(image, return_tensors="pt")["pixel_values"] for image in (gradient, within)]
     assert (trimmed[0] - untrimmed[0]).abs().max() < 0.05
     assert torch.equal(trimmed[1], untrimmed[1])

@@ -25,7 +25,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> Path:
-    model, processor = build_tiny_captioner("lstm")
+    model, processor = build_tiny_captioner("pooled")
     directory = tmp_path_factory.mktemp("model-files") / "good"
     model.generation_config.update(max_new_tokens=4, num_beams=1)
     model.save_pretrained(directory)
@@ -204,5 +204,5 @@ def test_a_pickled_vision_backbone_is_refused_and_never_unpickled(tmp_path):
     with open(backbone / "pytorch_model.bin", "wb") as handle:
         pickle.dump({"embedder.embedder.convolution.weight": _PlantMarker(marker)}, handle)
     with pytest.raises(OSError, match="safetensors"):
-        ImgCapForConditionalGeneration.from_vision_pretrained(str(backbone), decoder_type="lstm")
+        ImgCapForConditionalGeneration.from_vision_pretrained(str(backbone), decoder_type="pooled")
     assert not marker.exists()

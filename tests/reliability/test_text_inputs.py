@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_CAPTIONS
 
 from imgcap_hf import ImgCapImageProcessor, ImgCapProcessor, ImgCapTokenizer
-from imgcap_hf.processing_imgcap import DEFAULT_MAX_CAPTION_LENGTH
+from imgcap_hf.models.imgcap.processing_imgcap import DEFAULT_MAX_CAPTION_LENGTH
 
 # Character pools a user can type or paste: emoji (with skin tones and joiners), Arabic, CJK, combining marks, control
 # characters with NUL, odd whitespace, digits and punctuation, lone surrogates (JSON can carry them).

@@ -9,6 +9,15 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
+# Earlier names of decoder types, still read from saved configs, recipes and command lines: both decoders are LSTMs,
+# and what sets the Show-and-Tell one apart is that the image enters as one pooled vector.
+DECODER_TYPE_ALIASES = {"lstm": "pooled"}
+
+
+def canonical_decoder_type(decoder_type: str) -> str:
+    """The current name of `decoder_type` (`"lstm"` -> `"pooled"`); any other value is returned as it is."""
+    return DECODER_TYPE_ALIASES.get(decoder_type, decoder_type)
+
 
 @strict
 class ImgCapConfig(PreTrainedConfig):
@@ -27,8 +36,9 @@ class ImgCapConfig(PreTrainedConfig):
             that model's config.
         decoder_type (`str`, *optional*, defaults to `"attention"`):
             `"attention"`: soft (Bahdanau) attention over the region grid at every step, its context concatenated with
-            the word embedding (Show, Attend and Tell). `"lstm"`: the pooled image feature is projected and fed as the
-            first LSTM step (Show and Tell).
+            the word embedding (Show, Attend and Tell). `"pooled"`: the image enters once, as one pooled vector
+            projected and fed as the first LSTM step (Show and Tell). Both decoders are LSTMs; `"lstm"`, the name
+            older configs use for `"pooled"`, is read as `"pooled"`.
         vocab_size (`int`, *optional*, defaults to 4096):
             Number of tokens of the word vocabulary (must match the tokenizer).
         embedding_size (`int`, *optional*, defaults to 1024):
@@ -42,13 +52,13 @@ class ImgCapConfig(PreTrainedConfig):
         attention_size (`int`, *optional*, defaults to 1024):
             Size of the additive attention's hidden layer (`"attention"` decoder only).
         image_head_size (`int`, *optional*, defaults to 1024):
-            Width of the two-layer image head that maps the pooled feature to the first LSTM input (`"lstm"` decoder
+            Width of the two-layer image head that maps the pooled feature to the first LSTM input (`"pooled"` decoder
             only).
         image_pooling (`str`, *optional*, defaults to `"mean"`):
-            `"lstm"` decoder only: how the region grid becomes one image vector, `"mean"` (global average pooling, as
+            `"pooled"` decoder only: how the region grid becomes one image vector, `"mean"` (global average pooling, as
             published) or `"max"` (keeps a small object's features from being averaged away by the background).
         normalize_image_input (`bool`, *optional*, defaults to `False`):
-            `"lstm"` decoder only: a LayerNorm on the image's first-step input. Without it, a decoder trained with an
+            `"pooled"` decoder only: a LayerNorm on the image's first-step input. Without it, a decoder trained with an
             encoder that starts from random weights can learn to blow that input up until the LSTM gates saturate and
             every image gives the same state (the image is then ignored). Off in the published configuration, whose
             encoder is pretrained.
@@ -71,7 +81,7 @@ class ImgCapConfig(PreTrainedConfig):
 
     ```python
     >>> from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
-    >>> config = ImgCapConfig(decoder_type="lstm")  # ResNet-50 + 2x1024 LSTM, as published
+    >>> config = ImgCapConfig(decoder_type="pooled")  # ResNet-50 + 2x1024 LSTM, as published
     >>> model = ImgCapForConditionalGeneration(config)
     >>> tiny = ImgCapConfig(
     ...     vision_config={"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 24, 32]},
@@ -81,7 +91,7 @@ class ImgCapConfig(PreTrainedConfig):
     """
 
     model_type = "imgcap"
-    decoder_types: ClassVar[tuple[str, ...]] = ("attention", "lstm")
+    decoder_types: ClassVar[tuple[str, ...]] = ("attention", "pooled")
     image_poolings: ClassVar[tuple[str, ...]] = ("mean", "max")
     sub_configs_defaults = {"vision_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet")}
 
@@ -106,6 +116,11 @@ class ImgCapConfig(PreTrainedConfig):
     eos_token_id: int = 3
     decoder_start_token_id: int = 2
     is_encoder_decoder: bool = True
+
+    def __post_init__(self, **kwargs):
+        """Older decoder names (`"lstm"`) take their current name before anything validates or builds from them."""
+        self.decoder_type = canonical_decoder_type(self.decoder_type)
+        super().__post_init__(**kwargs)
 
     def validate_decoder_type(self):
         """Reject an unknown decoder before any weights are built from it."""
@@ -146,4 +161,4 @@ class ImgCapConfig(PreTrainedConfig):
         return self.region_grid_size**2
 
 
-__all__ = ["ImgCapConfig"]
+__all__ = ["ImgCapConfig", "canonical_decoder_type"]

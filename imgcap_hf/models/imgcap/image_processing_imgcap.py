@@ -314,7 +314,7 @@ class ImgCapImageProcessor(PilBackend):
 
     ```python
     >>> from PIL import Image
-    >>> from imgcap_hf.image_processing_imgcap import ImgCapImageProcessor
+    >>> from imgcap_hf import ImgCapImageProcessor
     >>> processor = ImgCapImageProcessor()
     >>> processor(Image.new("RGBA", (640, 480)), return_tensors="pt")["pixel_values"].shape
     torch.Size([1, 3, 224, 224])

@@ -46,9 +46,7 @@ class ImgCapProcessor(ProcessorMixin):
 
     ```python
     >>> from PIL import Image
-    >>> from imgcap_hf.image_processing_imgcap import ImgCapImageProcessor
-    >>> from imgcap_hf.processing_imgcap import ImgCapProcessor
-    >>> from imgcap_hf.tokenization_imgcap import ImgCapTokenizer
+    >>> from imgcap_hf import ImgCapImageProcessor, ImgCapProcessor, ImgCapTokenizer
     >>> tokenizer = ImgCapTokenizer.from_captions(["A dog runs .", "A cat sleeps ."], min_frequency=1)
     >>> processor = ImgCapProcessor(ImgCapImageProcessor(crop_size=32), tokenizer)
     >>> images = [Image.new("RGB", (64, 48)), Image.new("RGBA", (48, 64))]

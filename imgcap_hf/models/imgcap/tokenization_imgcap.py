@@ -148,7 +148,7 @@ class ImgCapTokenizer(PreTrainedTokenizer):
     Example:
 
     ```python
-    >>> from imgcap_hf.tokenization_imgcap import ImgCapTokenizer
+    >>> from imgcap_hf import ImgCapTokenizer
 
     >>> captions = ["A man rides a bike .", "A dog runs on the grass .", "A man walks a dog ."]
     >>> tokenizer = ImgCapTokenizer.from_captions(captions, min_frequency=1)

@@ -134,8 +134,9 @@ class _SharedStepWeight:
 
     Autograd computes a weight's gradient at each use by default: for one step over a batch of B captions, an
     (out x in) matrix product whose inner dimension is only B, plus adding that full-size matrix into the running sum.
-    That memory-bound work was more than half of a training step on CPU. Here each step's backward only records its
-    inputs and output gradient, and one product over all steps (inner dimension B x steps) gives the same gradient.
+    That memory-bound work is a large part of a training step on CPU (the README's Performance section measures it).
+    Here each step's backward only records its inputs and output gradient, and one product over all steps (inner
+    dimension B x steps) gives the same gradient.
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -167,7 +168,7 @@ def _lstm_cell(
 
 
 @dataclass
-class _AttentionStepWeights:
+class _AttentionStepProducts:
     """The attention decoder's per-step weight products for one forward pass (see `_SharedStepWeight`)."""
 
     cells: list[tuple[Callable, Callable, torch.Tensor]]  # per layer: input product, hidden product, summed biases
@@ -198,9 +199,8 @@ class ImgCapVisionEncoder(nn.Module):
         self.backbone = AutoModel.from_config(config.vision_config, **_backbone_init_kwargs(config.vision_config))
 
     def forward(self, pixel_values: torch.FloatTensor, return_dict: bool = True, **kwargs) -> BaseModelOutput:
-        # Channels-last images let oneDNN (CPU) and cuDNN (GPU) run the convolutions in their fastest layout (a one-off
-        # timing of a ResNet-50 batch of 16 on a 2-core CPU: 0.74-0.81 s against 0.91-0.96 s), with the same features
-        # up to float rounding.
+        # Channels-last images let oneDNN (CPU) and cuDNN (GPU) run the convolutions in their fastest layout, with the
+        # same features up to float rounding.
         pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)  # (batch, 3, height, width)
         # A frozen backbone needs no autograd graph: that saves its activations' memory during training.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
@@ -237,13 +237,13 @@ class ImgCapAttention(nn.Module):
         hidden: torch.Tensor,
         project_hidden: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context vector and weights; `project_hidden` replaces `hidden_projection` (the decoder passes a
+        """Context vector and attention weights; `project_hidden` replaces `hidden_projection` (the decoder passes a
         `_SharedStepWeight` of the same weight in training)."""
         query = (project_hidden or self.hidden_projection)(hidden).unsqueeze(1)  # (batch, 1, attention_size)
         scores = self.score(torch.tanh(attention_keys + query)).squeeze(-1)  # (batch, regions)
-        weights = scores.softmax(dim=-1)  # (batch, regions)
-        context = torch.bmm(weights.unsqueeze(1), regions).squeeze(1)  # (batch, feature_size)
-        return context, weights
+        attention_weights = scores.softmax(dim=-1)  # (batch, regions)
+        context = torch.bmm(attention_weights.unsqueeze(1), regions).squeeze(1)  # (batch, feature_size)
+        return context, attention_weights
 
 
 class ImgCapAttentionDecoder(nn.Module):
@@ -273,10 +273,10 @@ class ImgCapAttentionDecoder(nn.Module):
         zeros = regions.new_zeros(self.config.num_hidden_layers, regions.shape[0], self.config.hidden_size)
         return ImgCapDecoderState(zeros, zeros, regions, attention_keys)
 
-    def step_weights(self, gather_gradients: bool) -> _AttentionStepWeights:
+    def step_products(self, gather_gradients: bool) -> _AttentionStepProducts:
         """The weight products of `step`, prepared once per forward pass: with `gather_gradients` (training), each
         weight's gradient is computed once for all steps (`_SharedStepWeight`); otherwise they are plain products."""
-        return _AttentionStepWeights(
+        return _AttentionStepProducts(
             cells=[
                 (
                     _step_matmul(cell.weight_ih, gather_gradients),
@@ -290,31 +290,32 @@ class ImgCapAttentionDecoder(nn.Module):
         )
 
     def step(
-        self, token_ids: torch.LongTensor, state: ImgCapDecoderState, weights: _AttentionStepWeights | None = None
+        self, token_ids: torch.LongTensor, state: ImgCapDecoderState, products: _AttentionStepProducts | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ImgCapDecoderState]:
         """One word: returns logits `(batch, vocab)`, attention weights `(batch, regions)`, the top hidden state.
-        `weights` come from `step_weights`, built once for all the steps of a forward pass."""
-        weights = weights or self.step_weights(gather_gradients=False)
+        `products` come from `step_products`, built once for all the steps of a forward pass."""
+        products = products or self.step_products(gather_gradients=False)
         context, attention_weights = self.attention(
-            state.attention_keys, state.regions, state.hidden[-1], project_hidden=weights.query
+            state.attention_keys, state.regions, state.hidden[-1], project_hidden=products.query
         )
         layer_input = torch.cat([self.embedding(token_ids), context], dim=-1)  # (batch, embedding + feature)
         hiddens, cells = [], []
-        for layer, (input_matmul, hidden_matmul, bias) in enumerate(weights.cells):
+        for layer, (input_matmul, hidden_matmul, bias) in enumerate(products.cells):
             hidden, cell_state = _lstm_cell(
                 layer_input, state.hidden[layer], state.cell[layer], input_matmul, hidden_matmul, bias
             )
             hiddens.append(hidden)
             cells.append(cell_state)
             layer_input = self.dropout(hidden)  # between layers, and before the output layer
-        logits = weights.output(layer_input) + self.output.bias  # (batch, vocab)
+        logits = products.output(layer_input) + self.output.bias  # (batch, vocab)
         new_state = ImgCapDecoderState(torch.stack(hiddens), torch.stack(cells), state.regions, state.attention_keys)
         return logits, attention_weights, hiddens[-1], new_state
 
 
-class ImgCapLSTMDecoder(nn.Module):
-    """Show-and-Tell decoder: the pooled image feature, through a two-layer head and a projection, is the LSTM's first
-    input; the words follow. Sizes follow the published ImgCap head (Linear-ReLU-Dropout-Linear-ReLU, then Linear)."""
+class ImgCapPooledDecoder(nn.Module):
+    """Show-and-Tell decoder (`decoder_type="pooled"`): the image enters once, as one pooled feature that, through a
+    two-layer head and a projection, is the LSTM's first input; the words follow. Sizes follow the published ImgCap
+    head (Linear-ReLU-Dropout-Linear-ReLU, then Linear)."""
 
     def __init__(self, config: ImgCapConfig):
         super().__init__()
@@ -345,9 +346,8 @@ class ImgCapLSTMDecoder(nn.Module):
         """The LSTM state after reading the image, for every caption row (`image_indices` maps rows to images).
 
         The image head runs once per caption, not once per image: its dropout then draws a mask of its own for every
-        caption, as the published model did. Sharing one mask among an image's five captions was measured to cost
-        test CIDEr on the shapes set (`python train.py --config configs/shapes_lstm.yaml`: 1.56 against 1.89); the
-        head is small next to the rest of a step.
+        caption, as the published model did, which regularises more than one mask shared by an image's five
+        captions; the head is small next to the rest of a step.
         """
         # (images, feature_size): global max or average pool over the grid
         pooled = regions.amax(dim=1) if self.config.image_pooling == "max" else regions.mean(dim=1)
@@ -366,12 +366,12 @@ class ImgCapLSTMDecoder(nn.Module):
         logits = self.output(self.dropout(top_hidden))  # (batch, steps, vocab)
         return logits, top_hidden, ImgCapDecoderState(hidden, cell)
 
-    def step_weights(self, gather_gradients: bool) -> None:
-        """`nn.LSTM` holds its own weights: nothing to prepare (see the attention decoder's `step_weights`)."""
+    def step_products(self, gather_gradients: bool) -> None:
+        """`nn.LSTM` holds its own weights: nothing to prepare (see the attention decoder's `step_products`)."""
         return None
 
     def step(
-        self, token_ids: torch.LongTensor, state: ImgCapDecoderState, weights: None = None
+        self, token_ids: torch.LongTensor, state: ImgCapDecoderState, products: None = None
     ) -> tuple[torch.Tensor, None, torch.Tensor, ImgCapDecoderState]:
         logits, top_hidden, state = self.run(token_ids.unsqueeze(1), state)
         return logits.squeeze(1), None, top_hidden.squeeze(1), state
@@ -382,7 +382,7 @@ class ImgCapPreTrainedModel(PreTrainedModel):
     config_class = ImgCapConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    _no_split_modules = ["ImgCapAttentionDecoder", "ImgCapLSTMDecoder"]
+    _no_split_modules = ["ImgCapAttentionDecoder", "ImgCapPooledDecoder"]
 
     def _init_weights(self, module: nn.Module) -> None:
         """PyTorch's own defaults for the decoder layers, as the published model used.
@@ -397,7 +397,7 @@ class ImgCapPreTrainedModel(PreTrainedModel):
 
 
 class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
-    """Image captioner: vision backbone + LSTM decoder (`config.decoder_type` `"attention"` or `"lstm"`).
+    """Image captioner: vision backbone + LSTM decoder (`config.decoder_type` `"attention"` or `"pooled"`).
 
     Example:
 
@@ -423,7 +423,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         if config.decoder_type == "attention":
             self.decoder = ImgCapAttentionDecoder(config)
         else:
-            self.decoder = ImgCapLSTMDecoder(config)
+            self.decoder = ImgCapPooledDecoder(config)
         self.post_init()
         self.freeze_encoder(config.freeze_encoder)
 
@@ -467,7 +467,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         The weights are read from safetensors only (a `pytorch_model.bin` is a pickle, never loaded).
 
         ```python
-        >>> model = ImgCapForConditionalGeneration.from_vision_pretrained("microsoft/resnet-50", decoder_type="lstm")
+        >>> model = ImgCapForConditionalGeneration.from_vision_pretrained("microsoft/resnet-50", decoder_type="pooled")
         ```
         """
         vision_kwargs = dict(vision_kwargs or {})
@@ -552,7 +552,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
             state = cache
 
         scheduled_sampling = self.training and teacher_forcing_ratio < 1.0
-        if self.config.decoder_type == "lstm" and not scheduled_sampling:
+        if self.config.decoder_type == "pooled" and not scheduled_sampling:
             # Every input word is known: one fused cuDNN/oneDNN LSTM call over the whole caption.
             logits, top_hidden, state = self.decoder.run(decoder_input_ids, state)
             attention_weights = None
@@ -580,7 +580,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
     def _decode_step_by_step(
         self, decoder_input_ids: torch.LongTensor, state: ImgCapDecoderState, teacher_forcing_ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ImgCapDecoderState]:
-        """Run the decoder one word at a time (the attention decoder always; the LSTM decoder under scheduled
+        """Run the decoder one word at a time (the attention decoder always; the pooled decoder under scheduled
         sampling). With `teacher_forcing_ratio < 1`, each caption's input at step t > 0 is, with probability
         `1 - ratio`, the model's own greedy prediction from step t - 1 instead of the true word."""
         batch_size, num_steps = decoder_input_ids.shape
@@ -588,22 +588,24 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
             use_truth = torch.rand(batch_size, num_steps, device=decoder_input_ids.device) < teacher_forcing_ratio
         # A compiled graph keeps autograd's own weight gradients (`_SharedStepWeight` keeps Python-side records).
         gather_gradients = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        decoder_weights = self.decoder.step_weights(gather_gradients)
-        step_logits, step_weights, step_hiddens = [], [], []
+        products = self.decoder.step_products(gather_gradients)
+        step_logits, step_attention_weights, step_hiddens = [], [], []
         previous_prediction = None
         for t in range(num_steps):
             token_ids = decoder_input_ids[:, t]  # (batch,)
             if previous_prediction is not None and teacher_forcing_ratio < 1.0:
                 token_ids = torch.where(use_truth[:, t], token_ids, previous_prediction)
-            logits, weights, top_hidden, state = self.decoder.step(token_ids, state, decoder_weights)
+            logits, attention_weights, top_hidden, state = self.decoder.step(token_ids, state, products)
             previous_prediction = logits.detach().argmax(dim=-1)
             step_logits.append(logits)
-            step_weights.append(weights)
+            step_attention_weights.append(attention_weights)
             step_hiddens.append(top_hidden)
         logits = torch.stack(step_logits, dim=1)  # (batch, steps, vocab)
         top_hidden = torch.stack(step_hiddens, dim=1)  # (batch, steps, hidden)
-        weights = torch.stack(step_weights, dim=1) if step_weights[0] is not None else None  # (batch, steps, regions)
-        return logits, weights, top_hidden, state
+        attention_weights = (
+            torch.stack(step_attention_weights, dim=1) if step_attention_weights[0] is not None else None
+        )  # (batch, steps, regions)
+        return logits, attention_weights, top_hidden, state
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation hooks

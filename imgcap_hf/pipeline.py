@@ -22,8 +22,8 @@ from typing import Any
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .image_processing_imgcap import load_image
 from .loading import check_processor_matches_model
+from .models.imgcap.image_processing_imgcap import load_image
 
 TASK = "image-captioning"
 GENERATION_ARGUMENTS = ("num_beams", "max_new_tokens", "length_penalty", "do_sample", "temperature", "top_p", "top_k")
