@@ -40,7 +40,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, List, Value
 from PIL import Image, ImageDraw
 
-from .image_processing_imgcap import load_image
+from ..image_processing_imgcap import load_image
 
 SPLITS = ("train", "validation", "test")
 CAPTION_FEATURES = Features(
