@@ -39,7 +39,7 @@ from gradio.utils import get_upload_folder
 from PIL import Image
 
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
-from imgcap_hf.data import write_shapes_examples
+from imgcap_hf.data.shapes import write_shapes_examples
 from imgcap_hf.loading import load_captioner
 from imgcap_hf.models.imgcap.tokenization_imgcap import SPACE_TOKEN
 
