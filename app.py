@@ -41,7 +41,7 @@ from PIL import Image
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
 from imgcap_hf.data.shapes import write_shapes_examples
 from imgcap_hf.loading import load_captioner
-from imgcap_hf.models.imgcap.tokenization_imgcap import SPACE_TOKEN
+from imgcap_hf.models.imgcap.processing_imgcap import IGNORE_INDEX, caption_labels
 
 # The folder `make demo` trains into; used when no model is named.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "outputs" / "shapes-attention"
@@ -54,9 +54,10 @@ MAX_BATCH_SIZE = 8  # images one call of the batched endpoint may gather from th
 TIME_LIMIT_SECONDS = 20.0  # generation stops after this long and returns what it has (transformers' `max_time`)
 RETRY_AFTER_SECONDS = 30  # what a caller turned away by a full queue is told to wait (the Retry-After header)
 CACHE_MAX_AGE_SECONDS = 3600  # uploads and results are deleted from Gradio's cache after about an hour
-# Gradio keeps a record per session (a copy of every component's config, about 50 KB of Python objects here), and each
-# API call without a session is a new session: Gradio's default of 10,000 records lets memory grow by about 500 MB.
-# The records hold nothing this app needs (it has no gr.State), so a forgotten session only starts a fresh one.
+# Gradio keeps a record per session (a copy of every component's config), and each API call without a session is a new
+# session: with Gradio's default of 10,000 records, memory grows with every call until that many are held (README,
+# "The app under load"). The records hold nothing this app needs (it has no gr.State), so a forgotten session only
+# starts a fresh one.
 STATE_SESSION_CAPACITY = 100
 
 # Decoding ranges: the UI's sliders, and the clamps applied to every request.
@@ -222,119 +223,70 @@ def caption_image(
         sequences = model.generate(
             pixel_values=pixel_values, max_time=time_limit, **settings.generate_kwargs()
         )  # (captions, 1 + steps): <sos> words <eos> <pad>...
-        labels = _labels_from_sequences(sequences, model.config)  # (captions, steps), -100 after <eos>
+        labels = _labels_from_sequences(sequences, model.config)  # (captions, steps), ignored after <eos>
         output = model(
             pixel_values=pixel_values,
             decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels),
             image_indices=torch.zeros(len(labels), dtype=torch.long),  # one encoder pass serves every caption
             output_attentions=captioner.has_attention,
         )
-    log_probs = output.logits.float().log_softmax(dim=-1)  # (captions, steps, vocab)
-    kept = labels != -100  # (captions, steps)
-    token_log_probs = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * kept
-    scores = token_log_probs.sum(dim=-1) / kept.sum(dim=-1).float() ** settings.length_penalty  # (captions,)
-
+    scores = _caption_scores(output.logits, labels, settings.length_penalty)  # (captions,)
     texts = processor.batch_decode(sequences, skip_special_tokens=True)
-    order = sorted(range(len(texts)), key=lambda row: -scores[row].item())
-    captions, seen = [], set()
-    for row in order:
-        if texts[row] not in seen:  # sampling can draw the same caption twice
-            seen.add(texts[row])
-            captions.append((texts[row], scores[row].item()))
+    captions, best = _rank_captions(texts, scores.tolist())
 
     word_attention = []
     if output.cross_attentions is not None:
-        best = order[0]
         weights = output.cross_attentions[0][best, 0]  # (steps, regions)
-        tokens = processor.tokenizer.convert_ids_to_tokens(labels[best][kept[best]].tolist())
-        word_attention = [
-            (word, weights[positions].mean(dim=0).numpy())
-            for word, positions in _words_with_positions(tokens, processor.tokenizer)
-        ]
+        word_attention = _word_attention(weights, labels[best], processor.tokenizer)
     return CaptionResult(captions, word_attention)
 
 
 def _labels_from_sequences(sequences: torch.LongTensor, config) -> torch.LongTensor:
-    """`generate`'s output without `<sos>`, everything after the first `<eos>` set to -100 (ignored).
+    """`generate`'s output as labels (`caption_labels`): without `<sos>`, everything after the first `<eos>` set to
+    -100 (ignored).
 
     Beam search pads finished captions with `pad_token_id` (or `<eos>` when that is 0): neither may count as a word.
     """
-    labels = sequences[:, 1:].clone()  # (captions, steps)
-    is_eos = labels == config.eos_token_id
+    is_eos = sequences[:, 1:] == config.eos_token_id  # (captions, steps)
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first <eos>
-    return labels.masked_fill(after_eos, -100)
+    attention_mask = torch.cat([torch.ones_like(is_eos[:, :1]), ~after_eos], dim=1)  # (captions, 1 + steps)
+    return torch.tensor(caption_labels(sequences.tolist(), attention_mask.tolist()), dtype=torch.long)
 
 
-def _words_with_positions(tokens: list[str], tokenizer) -> list[tuple[str, list[int]]]:
-    """Group the generated tokens into the words that decoding prints, with the positions of their tokens.
+def _caption_scores(logits: torch.Tensor, labels: torch.LongTensor, length_penalty: float) -> torch.Tensor:
+    """(captions,) log-probability of each caption's labels, divided by `length ** length_penalty`."""
+    log_probs = logits.float().log_softmax(dim=-1)  # (captions, steps, vocab)
+    kept = labels != IGNORE_INDEX  # (captions, steps)
+    token_log_probs = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * kept
+    return token_log_probs.sum(dim=-1) / kept.sum(dim=-1).float() ** length_penalty
 
-    Mirrors `ImgCapTokenizer.convert_tokens_to_string`: a word outside the vocabulary is spelled as letters between
-    two space tokens and is one word (its attention is the mean over its tokens); special tokens other than `<unk>`
-    (here only the final `<eos>`) print nothing.
-    """
-    skipped = set(tokenizer.all_special_tokens) - {tokenizer.unk_token}
-    letters = set(tokenizer.spelling_alphabet)
-    words: list[tuple[str, list[int]]] = []
-    spelled: list[int] | None = None  # positions of the word being spelled; None outside a spelled word
 
-    def finish_spelled_word() -> None:
-        letter_positions = [position for position in spelled if tokens[position] != SPACE_TOKEN]
-        if letter_positions:
-            words.append(("".join(tokens[position] for position in letter_positions), spelled))
+def _rank_captions(texts: list[str], scores: list[float]) -> tuple[list[tuple[str, float]], int]:
+    """The distinct captions with their scores, best first (sampling can draw the same caption twice), and the row of
+    the best one."""
+    order = sorted(range(len(texts)), key=lambda row: -scores[row])
+    captions, seen = [], set()
+    for row in order:
+        if texts[row] not in seen:
+            seen.add(texts[row])
+            captions.append((texts[row], scores[row]))
+    return captions, order[0]
 
-    for position, token in enumerate(tokens):
-        if token == SPACE_TOKEN and spelled is None:
-            spelled = [position]
-        elif spelled is not None and token in letters:
-            spelled.append(position)
-        else:
-            if spelled is not None:
-                if token == SPACE_TOKEN:
-                    spelled.append(position)  # the closing space belongs to the spelled word
-                finish_spelled_word()
-                spelled = None
-            if token != SPACE_TOKEN and token not in skipped:
-                words.append((token, [position]))
-    if spelled is not None:
-        finish_spelled_word()
-    return words
+
+def _word_attention(weights: torch.Tensor, labels: torch.LongTensor, tokenizer) -> list[tuple[str, np.ndarray]]:
+    """The attention of each printed word of one caption: the mean of `weights` `(steps, regions)` over the word's
+    tokens, with the words exactly as decoding prints them (`ImgCapTokenizer.words_with_positions`), so a spelled
+    word is one word and the final `<eos>` none."""
+    tokens = tokenizer.convert_ids_to_tokens(labels[labels != IGNORE_INDEX].tolist())
+    return [
+        (word, weights[positions].mean(dim=0).numpy())
+        for word, positions in tokenizer.words_with_positions(tokens, skip_special_tokens=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Attention heatmaps
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _size_field(size: object, name: str) -> int | None:
-    """A field of a size given as a dict (a processor's saved config) or a `SizeDict` (a loaded processor)."""
-    return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
-
-
-def model_view_box(image_processor, width: int, height: int) -> tuple[float, float, float, float]:
-    """The part of a `width` x `height` picture that the model sees, as (left, top, right, bottom) fractions of it.
-
-    The processor resizes (shortest edge to `crop_size / crop_pct`, or to an explicit `size`) and then centre-crops,
-    so the attention grid covers this centred box of the picture, not all of it: the heatmap is drawn in the box and
-    the cut-off margins are dimmed. A crop larger than the resized picture (the processor pads it) is clipped to the
-    picture.
-    """
-    crop_height = _size_field(image_processor.crop_size, "height")
-    crop_width = _size_field(image_processor.crop_size, "width")
-    size = image_processor.size
-    if not image_processor.do_resize:
-        resized_width, resized_height = float(width), float(height)
-    elif size is not None and _size_field(size, "height") and _size_field(size, "width"):
-        resized_width, resized_height = float(_size_field(size, "width")), float(_size_field(size, "height"))
-    else:
-        edge = _size_field(size, "shortest_edge") if size is not None else None
-        edge = edge or int(max(crop_height, crop_width) / image_processor.crop_pct)
-        scale = edge / min(width, height)
-        resized_width, resized_height = width * scale, height * scale
-    if not image_processor.do_center_crop:
-        return 0.0, 0.0, 1.0, 1.0
-    left = max(0.0, (resized_width - crop_width) / 2 / resized_width)
-    top = max(0.0, (resized_height - crop_height) / 2 / resized_height)
-    return left, top, 1.0 - left, 1.0 - top
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -349,14 +301,15 @@ def attention_overlays(
     image: Image.Image, word_attention: list[tuple[str, np.ndarray]], image_processor
 ) -> list[tuple[Image.Image, str]]:
     """One picture per word: its attention over the region grid, smoothly upsampled onto the part of the (upright)
-    picture the model saw, colour-mapped and blended over it. Each map is scaled to its own maximum, as in Show,
-    Attend and Tell's figures, so every word shows where it looked most."""
+    picture the model saw (the processor's `crop_box`), colour-mapped and blended over it, the margins the crop cut
+    off dimmed. Each map is scaled to its own maximum, as in Show, Attend and Tell's figures, so every word shows
+    where it looked most."""
     scale = DISPLAY_SIDE / max(image.size)
     display = image.resize(
         (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
     )
     base = np.asarray(display, dtype=np.float32)  # (H, W, 3)
-    left, top, right, bottom = model_view_box(image_processor, image.width, image.height)
+    left, top, right, bottom = image_processor.crop_box(image.width, image.height)
     box = (
         round(left * display.width),
         round(top * display.height),
@@ -556,8 +509,6 @@ def build_demo(
     captioners = load_captioners(model_paths)
     # Gradio keeps uploads and its copies of the examples in its upload folder ($GRADIO_TEMP_DIR, else <temp>/gradio).
     service = CaptionService(captioners, time_limit=time_limit, upload_folder=get_upload_folder())
-    first = next(iter(captioners.values()), None)
-    defaults = model_defaults(first)
     if examples_dir is None:
         examples_dir = tempfile.mkdtemp(prefix="imgcap-examples-")
     examples = write_examples(examples_dir)
@@ -567,89 +518,123 @@ def build_demo(
         analytics_enabled=False,
         delete_cache=(CACHE_MAX_AGE_SECONDS, CACHE_MAX_AGE_SECONDS),
     ) as demo:
-        gr.Markdown(
-            "# ImgCap-HF: image captioning\n"
-            "A CNN encoder with an LSTM decoder, with soft attention (Show, Attend and Tell) or without (Show and "
-            "Tell). Upload a picture, take one with the webcam or paste one, then press **Caption**."
-        )
-        if not captioners:
-            gr.Markdown(NO_MODEL_MESSAGE)
-        model = gr.Dropdown(
-            choices=list(captioners), value=first.label if first else None, label="Model",
-            visible=len(captioners) > 1, interactive=True,
-        )  # fmt: skip
+        model = _add_header_and_model_choice(captioners)
         with gr.Row():
             with gr.Column():
-                image = gr.Image(
-                    type="filepath",
-                    image_mode=None,
-                    sources=["upload", "webcam", "clipboard"],
-                    label="Image",
-                    height=320,
-                    elem_id="image-input",
-                )
-                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
-                gr.Examples(
-                    examples=[[str(path)] for path, _ in examples], inputs=[image],
-                    label=f"Examples drawn by the app at start-up: {', '.join(label for _, label in examples)}",
-                )  # fmt: skip
+                image, button = _add_image_input(examples)
             with gr.Column():
-                caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
-                table = gr.Dataframe(
-                    headers=["caption", "score"], datatype=["str", "number"], column_widths=["82%", "18%"],
-                    label="Best captions", interactive=False, wrap=True,
-                )  # fmt: skip
-                heatmaps = gr.Gallery(
-                    label="Where the model looked, word by word (attention models only)", columns=5,
-                    object_fit="contain", height="auto", format="png", interactive=False,
-                )  # fmt: skip
-        with gr.Accordion("Advanced", open=False):
-            gr.Markdown(
-                "Scores are log-probabilities divided by length<sup>length penalty</sup>, which is what beam "
-                f"search ranks by. Captioning stops after {time_limit:g} seconds and returns what it has."
-            )
-            with gr.Row():
-                num_beams = gr.Slider(1, MAX_BEAMS, value=defaults.num_beams, step=1, label="Beam width")
-                max_new_tokens = gr.Slider(
-                    1, MAX_NEW_TOKENS, value=defaults.max_new_tokens, step=1, label="Max new tokens"
-                )
-                length_penalty = gr.Slider(
-                    *LENGTH_PENALTY_RANGE, value=defaults.length_penalty, step=0.1, label="Length penalty"
-                )
-                num_captions = gr.Slider(
-                    1, MAX_BEAMS, value=defaults.num_captions, step=1,
-                    label="Captions to show",
-                    info=f"at most the beam width; up to {MAX_BEAMS} when sampling with one beam",
-                )  # fmt: skip
-            with gr.Row():
-                do_sample = gr.Checkbox(value=False, label="Sample instead of searching")
-                temperature = gr.Slider(*TEMPERATURE_RANGE, value=defaults.temperature, step=0.05, label="Temperature")
-                top_p = gr.Slider(*TOP_P_RANGE, value=defaults.top_p, step=0.05, label="Top-p")
-                seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
-
-        # Both events skip Gradio's preprocessing (`preprocess=False`): the handlers get the raw upload, which
-        # `load_image` opens and checks (see `CaptionService._load`), and the raw numbers, which they clamp. Gradio's
-        # sliders would refuse an out-of-range value instead, and its image input would open the file itself.
-        button.click(
-            service.caption,
-            inputs=[image, model, num_beams, max_new_tokens, length_penalty, num_captions, do_sample, temperature,
-                    top_p, seed],
-            outputs=[caption, table, heatmaps],
-            api_name="caption",
-            preprocess=False,
-        )  # fmt: skip
-
-        # A second, API-only endpoint that Gradio batches: queued requests are captioned by one `generate` call.
-        batch_image = gr.Image(type="filepath", image_mode=None, visible=False)
-        batch_caption = gr.Textbox(visible=False)
-        batch_error = gr.Textbox(visible=False)
-        gr.Button(visible=False).click(
-            service.caption_batch, inputs=[batch_image], outputs=[batch_caption, batch_error],
-            api_name="caption_batch", batch=True, max_batch_size=MAX_BATCH_SIZE, preprocess=False,
-        )  # fmt: skip
+                results = _add_results()
+        first_model = next(iter(captioners.values()), None)
+        settings = _add_decoding_settings(model_defaults(first_model), time_limit)
+        _add_caption_endpoint(service, button, [image, model, *settings], results)
+        _add_batch_endpoint(service)
 
     demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
     return demo
+
+
+def _add_header_and_model_choice(captioners: dict[str, Captioner]) -> gr.Dropdown:
+    """The title, the how-to-get-a-model notice when no model is loaded, and the model selector (shown only when
+    there is more than one model to choose from)."""
+    gr.Markdown(
+        "# ImgCap-HF: image captioning\n"
+        "A CNN encoder with an LSTM decoder, with soft attention (Show, Attend and Tell) or without (Show and "
+        "Tell). Upload a picture, take one with the webcam or paste one, then press **Caption**."
+    )
+    if not captioners:
+        gr.Markdown(NO_MODEL_MESSAGE)
+    return gr.Dropdown(
+        choices=list(captioners), value=next(iter(captioners), None), label="Model",
+        visible=len(captioners) > 1, interactive=True,
+    )  # fmt: skip
+
+
+def _add_image_input(examples: list[tuple[Path, str]]) -> tuple[gr.Image, gr.Button]:
+    """The image input (upload, webcam, clipboard), the Caption button and the example images."""
+    image = gr.Image(
+        type="filepath",
+        image_mode=None,
+        sources=["upload", "webcam", "clipboard"],
+        label="Image",
+        height=320,
+        elem_id="image-input",
+    )
+    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+    gr.Examples(
+        examples=[[str(path)] for path, _ in examples], inputs=[image],
+        label=f"Examples drawn by the app at start-up: {', '.join(label for _, label in examples)}",
+    )  # fmt: skip
+    return image, button
+
+
+def _add_results() -> list[gr.components.Component]:
+    """The outputs of `/caption`, in its return order: the best caption, the n-best table and the heatmaps."""
+    caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
+    table = gr.Dataframe(
+        headers=["caption", "score"], datatype=["str", "number"], column_widths=["82%", "18%"],
+        label="Best captions", interactive=False, wrap=True,
+    )  # fmt: skip
+    heatmaps = gr.Gallery(
+        label="Where the model looked, word by word (attention models only)", columns=5,
+        object_fit="contain", height="auto", format="png", interactive=False,
+    )  # fmt: skip
+    return [caption, table, heatmaps]
+
+
+def _add_decoding_settings(defaults: DecodingSettings, time_limit: float) -> list[gr.components.Component]:
+    """The "Advanced" accordion; returns its controls in the order of `CaptionService.caption`'s decoding
+    parameters (beams, max new tokens, length penalty, captions, sampling, temperature, top-p, seed)."""
+    with gr.Accordion("Advanced", open=False):
+        gr.Markdown(
+            "Scores are log-probabilities divided by length<sup>length penalty</sup>, which is what beam "
+            f"search ranks by. Captioning stops after {time_limit:g} seconds and returns what it has."
+        )
+        with gr.Row():
+            num_beams = gr.Slider(1, MAX_BEAMS, value=defaults.num_beams, step=1, label="Beam width")
+            max_new_tokens = gr.Slider(
+                1, MAX_NEW_TOKENS, value=defaults.max_new_tokens, step=1, label="Max new tokens"
+            )
+            length_penalty = gr.Slider(
+                *LENGTH_PENALTY_RANGE, value=defaults.length_penalty, step=0.1, label="Length penalty"
+            )
+            num_captions = gr.Slider(
+                1, MAX_BEAMS, value=defaults.num_captions, step=1,
+                label="Captions to show",
+                info=f"at most the beam width; up to {MAX_BEAMS} when sampling with one beam",
+            )  # fmt: skip
+        with gr.Row():
+            do_sample = gr.Checkbox(value=False, label="Sample instead of searching")
+            temperature = gr.Slider(*TEMPERATURE_RANGE, value=defaults.temperature, step=0.05, label="Temperature")
+            top_p = gr.Slider(*TOP_P_RANGE, value=defaults.top_p, step=0.05, label="Top-p")
+            seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
+    return [num_beams, max_new_tokens, length_penalty, num_captions, do_sample, temperature, top_p, seed]
+
+
+def _add_caption_endpoint(
+    service: CaptionService,
+    button: gr.Button,
+    inputs: list[gr.components.Component],
+    outputs: list[gr.components.Component],
+) -> None:
+    """The Caption button, which is also the `/caption` API endpoint.
+
+    The event skips Gradio's preprocessing (`preprocess=False`): the handler gets the raw upload, which `load_image`
+    opens and checks (see `CaptionService._load`), and the raw numbers, which it clamps. Gradio's sliders would
+    refuse an out-of-range value instead, and its image input would open the file itself.
+    """
+    button.click(service.caption, inputs=inputs, outputs=outputs, api_name="caption", preprocess=False)
+
+
+def _add_batch_endpoint(service: CaptionService) -> None:
+    """A second, API-only endpoint that Gradio batches: queued requests are captioned by one `generate` call. Its
+    hidden components exist only to carry the API's input and outputs; it skips preprocessing like `/caption`."""
+    batch_image = gr.Image(type="filepath", image_mode=None, visible=False)
+    batch_caption = gr.Textbox(visible=False)
+    batch_error = gr.Textbox(visible=False)
+    gr.Button(visible=False).click(
+        service.caption_batch, inputs=[batch_image], outputs=[batch_caption, batch_error],
+        api_name="caption_batch", batch=True, max_batch_size=MAX_BATCH_SIZE, preprocess=False,
+    )  # fmt: skip
 
 
 def _busy_response(request, error) -> JSONResponse:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from transformers.modeling_outputs import BaseModelOutput
 
 from .models.imgcap.image_processing_imgcap import load_image
+from .models.imgcap.processing_imgcap import caption_labels
 
 
 def tokenize_captions(tokenizer, split: Dataset, max_length: int) -> list[list[list[int]]]:
@@ -71,13 +72,13 @@ class ImageCaptionCollator:
         else:
             batch["pixel_values"] = self.image_processor(self.load_images(rows), return_tensors="pt")["pixel_values"]
         if self.caption_ids is not None:
-            labels, image_indices = [], []
+            captions, image_indices = [], []
             for position, row in enumerate(rows):
                 for ids in self.caption_ids[row]:
-                    labels.append(ids[1:])  # the model predicts every token after <sos>
+                    captions.append(ids)
                     image_indices.append(position)
-            longest = max(len(ids) for ids in labels)
-            batch["labels"] = torch.tensor([ids + [-100] * (longest - len(ids)) for ids in labels])
+            labels = caption_labels(captions, pad_to_longest=True)  # (captions, steps), padded with -100
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
             batch["image_indices"] = torch.tensor(image_indices, dtype=torch.long)
         return batch
 

@@ -7,8 +7,8 @@ checks the folder first and compares the processor with the model, and it only e
 a `pytorch_model.bin`, `.pth` or `.pkl` is a pickle, which can run any code when it is loaded, so it is refused
 without being opened.
 
-Every loading path uses it: the CLI, the captioning pipeline (`check_processor_matches_model`), and the app (whose
-`load_captioners` should call `load_captioner`).
+The CLI and the app's `load_captioners` load through `load_captioner`; the captioning pipeline, which gets its model
+and processor from transformers, checks them with `check_processor_matches_model`.
 """
 
 from __future__ import annotations

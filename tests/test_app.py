@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_captioner
+from datasets import Dataset
 from PIL import Image, ImageOps
 
 import app
+from imgcap_hf.batching import ImageCaptionCollator, tokenize_captions
 
 # Gradio's queue calls pandas in ways pandas 3 deprecates; nothing this project can change.
 pytestmark = [
@@ -165,11 +167,55 @@ def test_words_group_spelled_tokens_like_decoding():
     tokenizer = processor.tokenizer
     tokens = tokenizer.tokenize("A zebu grazes on the snow .")  # "zebu" and "grazes" are outside the vocabulary
     assert tokens.count(" ") == 4
-    words = app._words_with_positions([*tokens, tokenizer.eos_token], tokenizer)
+    # The grouping the app's heatmaps use: the tokenizer's, skipping the final <eos> as decoding does.
+    words = tokenizer.words_with_positions([*tokens, tokenizer.eos_token], skip_special_tokens=True)
     assert [word for word, _ in words] == tokenizer.convert_tokens_to_string(tokens).split()
     assert [word for word, _ in words] == ["a", "zebu", "grazes", "on", "the", "snow", "."]
     assert words[1][1] == [1, 2, 3, 4, 5, 6]  # the space, z, e, b, u and the closing space
     assert sorted(position for _, positions in words for position in positions) == list(range(len(tokens)))
+
+
+def test_heatmap_words_are_the_decoded_words_and_a_spelled_word_gets_the_mean_of_its_tokens(monkeypatch):
+    """Through `caption_image`, with `generate` made to return a caption that spells two words: one heatmap per
+    decoded word, and the spelled word's map averages the attention of its six tokens."""
+    model, processor = build_tiny_captioner("attention")
+    tokenizer = processor.tokenizer
+    ids = tokenizer("A zebu grazes on the snow .")["input_ids"]  # <sos> a " " z e b u " " ... <eos>
+    sequences = torch.tensor([ids + [tokenizer.pad_token_id] * 2])  # beam search pads finished captions
+    monkeypatch.setattr(model, "generate", lambda **kwargs: sequences)
+    captioner = app.Captioner("attention (tiny)", model, processor)
+    result = app.caption_image(captioner, _scene(), app.DecodingSettings(num_beams=1, num_captions=1))
+
+    ((caption, _),) = result.captions
+    assert caption == tokenizer.decode(ids, skip_special_tokens=True) == "a zebu grazes on the snow ."
+    assert [word for word, _ in result.word_attention] == caption.split()
+    labels = torch.tensor([ids[1:] + [-100, -100]])
+    with torch.no_grad():
+        pixel_values = processor(images=_scene(), return_tensors="pt")["pixel_values"]
+        weights = model(pixel_values=pixel_values, labels=labels, output_attentions=True).cross_attentions[0][0, 0]
+    np.testing.assert_allclose(result.word_attention[1][1], weights[1:7].mean(dim=0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(result.word_attention[0][1], weights[0].numpy(), rtol=1e-6)
+
+
+def test_app_labels_are_the_processors_and_the_training_batches():
+    """The labels the app rescores generated captions with, the processor's and the training collator's are one
+    thing: the same captions give the same tensor, whether padded by beam search, the tokenizer or the collator."""
+    model, processor = build_tiny_captioner("attention")
+    tokenizer = processor.tokenizer
+    captions = ["A dog runs .", "A zebu grazes on the snow .", "Two children play in the snow ."]
+    expected = processor(text=captions, return_tensors="pt")["labels"]
+
+    split = Dataset.from_dict({"captions": [captions[:2], captions[2:]]})
+    caption_ids = tokenize_captions(tokenizer, split, max_length=40)
+    collator = ImageCaptionCollator(split, processor.image_processor, caption_ids, features=torch.zeros(2, 4, 8))
+    assert torch.equal(collator([0, 1])["labels"], expected)
+
+    generated = tokenizer(captions, padding=True)["input_ids"]  # <sos> words <eos> <pad>..., as `generate` pads
+    assert torch.equal(app._labels_from_sequences(torch.tensor(generated), model.config), expected)
+    eos_padded = [
+        [tokenizer.eos_token_id if token == tokenizer.pad_token_id else token for token in row] for row in generated
+    ]
+    assert torch.equal(app._labels_from_sequences(torch.tensor(eos_padded), model.config), expected)
 
 
 def test_out_of_range_settings_are_clamped():
@@ -202,7 +248,7 @@ def test_heatmap_lies_on_the_part_of_the_picture_the_model_saw():
     _, processor = build_tiny_captioner("attention")
     image_processor = processor.image_processor
     image_processor.crop_pct = 0.875
-    box = app.model_view_box(image_processor, 200, 100)
+    box = image_processor.crop_box(200, 100)
     assert box == pytest.approx((20 / 72, 2 / 36, 52 / 72, 34 / 36))
 
     white = Image.new("RGB", (200, 100), "white")

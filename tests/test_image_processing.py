@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.image_utils import PILImageResampling
 
 from imgcap_hf.models.imgcap.image_processing_imgcap import ImgCapImageProcessor, load_image, to_rgb_image
 from imgcap_hf.models.imgcap.processing_imgcap import ImgCapProcessor
@@ -399,6 +400,50 @@ def test_without_return_tensors_gives_float32_arrays(tiny_image_processor):
 
     assert len(pixel_values) == 2
     assert all(array.dtype == np.float32 and array.shape == (3, TINY_SIDE, TINY_SIDE) for array in pixel_values)
+
+
+def coordinate_image(width: int, height: int) -> np.ndarray:
+    """An (height, width, 3) image whose red value is each pixel's x, green its y, and blue 255 (padding is black)."""
+    x, y = np.meshgrid(np.arange(width, dtype=np.uint8), np.arange(height, dtype=np.uint8))
+    return np.stack([x, y, np.full_like(x, 255)], axis=-1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "size"),
+    [
+        ({"crop_size": TINY_SIDE}, (250, 70)),  # downsampled, crop cuts both sides of the width
+        ({"crop_size": TINY_SIDE}, (70, 250)),
+        ({"crop_size": TINY_SIDE}, (250, 20)),  # longer than MAX_ASPECT_RATIO: trimmed before the resize
+        ({"crop_size": TINY_SIDE}, (255, 3)),  # so thin that the trim's rounding moves the box
+        ({"crop_size": TINY_SIDE, "crop_pct": 1.0}, (20, 12)),  # upsampled
+        ({}, (250, 100)),  # the default 256 / 224
+        ({"crop_size": TINY_SIDE, "size": {"height": 30, "width": 50}}, (100, 60)),  # crop taller than the resize
+        ({"crop_size": TINY_SIDE, "size": {"shortest_edge": 40, "longest_edge": 60}}, (200, 50)),
+        ({"crop_size": TINY_SIDE, "do_resize": False}, (60, 20)),
+        ({"crop_size": TINY_SIDE, "do_center_crop": False}, (90, 40)),
+    ],
+)
+def test_crop_box_is_where_the_pixel_values_come_from(settings, size):
+    """Nearest-neighbour resampling of an image that carries its own coordinates shows which source pixels reach
+    `pixel_values`: the first and last of them in each direction sit half an output pixel inside `crop_box`'s edges
+    (to within the half pixel that nearest-neighbour rounding moves them)."""
+    width, height = size
+    image_processor = ImgCapImageProcessor(
+        resample=PILImageResampling.NEAREST, do_rescale=False, do_normalize=False, **settings
+    )
+    pixels = image_processor(coordinate_image(width, height), return_tensors="np")["pixel_values"][0]
+    from_image = pixels[2] == 255  # (rows, columns): not padding
+    rows, columns = np.flatnonzero(from_image.any(axis=1)), np.flatnonzero(from_image.any(axis=0))
+    seen_x, seen_y = pixels[0][from_image], pixels[1][from_image]
+
+    left, top, right, bottom = image_processor.crop_box(width, height)
+    for low, high, seen, side, count in (
+        (left, right, seen_x, width, len(columns)),
+        (top, bottom, seen_y, height, len(rows)),
+    ):
+        step = (high - low) * side / count  # source pixels per output pixel
+        assert abs(seen.min() + 0.5 - (low * side + step / 2)) <= 0.5 + 1e-6
+        assert abs(seen.max() + 0.5 - (high * side - step / 2)) <= 0.5 + 1e-6
 
 
 def test_image_processor_settings_survive_save_and_load(tmp_path):

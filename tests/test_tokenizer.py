@@ -250,6 +250,28 @@ def test_decode_never_raises_on_random_ids(tiny_tokenizer):
             assert isinstance(tiny_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens), str)
 
 
+def test_words_with_positions_are_the_decoded_words_and_the_tokens_that_spell_them(tiny_tokenizer):
+    """On random id sequences crowded with spaces, letters and special tokens: the words are exactly those that
+    `decode` prints (with and without `skip_special_tokens`), each word's positions hold its letters (or the word
+    itself) in order, and no position serves two words."""
+    generator = random.Random(1)
+    space = tiny_tokenizer.convert_tokens_to_ids(SPACE_TOKEN)
+    pool = [space, space, *tiny_tokenizer.convert_tokens_to_ids(list("zeb")), 0, 1, 2, 3, 99999]
+    pool += tiny_tokenizer.convert_tokens_to_ids(["a", "man", "dog"])  # "a" is a word and a letter
+    for _ in range(500):
+        ids = [generator.choice(pool) for _ in range(generator.randint(0, 15))]
+        tokens = tiny_tokenizer.convert_ids_to_tokens(ids)
+        for skip_special_tokens in (False, True):
+            words = tiny_tokenizer.words_with_positions(tokens, skip_special_tokens=skip_special_tokens)
+            decoded = tiny_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+            assert [word for word, _ in words] == decoded.split(), ids
+            for word, positions in words:
+                assert positions == sorted(positions)
+                assert "".join(tokens[position] for position in positions if tokens[position] != SPACE_TOKEN) == word
+            every_position = [position for _, positions in words for position in positions]
+            assert len(every_position) == len(set(every_position))
+
+
 def test_save_and_load_round_trip(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save_pretrained(tmp_path)
     saved_names = {path.name for path in tmp_path.iterdir()}

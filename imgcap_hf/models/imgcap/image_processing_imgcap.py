@@ -19,7 +19,15 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import BatchFeature
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.image_transforms import get_resize_output_image_size, get_size_with_aspect_ratio
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+    get_image_size_for_max_height_width,
+)
 from transformers.processing_utils import ImagesKwargs
 
 # Pixels one image may have once decoded: above any common camera (48-50 MP phones and DSLRs) and about 150 MB as
@@ -148,17 +156,18 @@ def _scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.round(values).astype(np.uint8)
 
 
+def _aspect_ratio_window(height: int, width: int, max_ratio: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the middle part of a `height` x `width` image whose long side is at most
+    `max_ratio` times its short side."""
+    keep = max_ratio * min(height, width)
+    kept_height, kept_width = min(height, keep), min(width, keep)
+    return (height - kept_height) // 2, (width - kept_width) // 2, kept_height, kept_width
+
+
 def _trim_to_aspect_ratio(image: np.ndarray, max_ratio: int) -> np.ndarray:
     """The middle part of a `(C, H, W)` image whose long side is at most `max_ratio` times its short side (a view)."""
-    _, height, width = image.shape
-    keep = max_ratio * min(height, width)
-    if height > keep:
-        top = (height - keep) // 2
-        image = image[:, top : top + keep, :]
-    if width > keep:
-        left = (width - keep) // 2
-        image = image[:, :, left : left + keep]
-    return image
+    top, left, height, width = _aspect_ratio_window(image.shape[1], image.shape[2], max_ratio)
+    return image[:, top : top + height, left : left + width]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,6 +280,29 @@ def _openable(source: "str | os.PathLike | bytes | BinaryIO") -> tuple[str, "Pat
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _trims_to_aspect_ratio(do_resize: bool, resize_size: SizeDict | None) -> bool:
+    """Whether preprocessing trims images to `MAX_ASPECT_RATIO`: only a shortest-edge resize enlarges a thin strip."""
+    return bool(do_resize and resize_size is not None and resize_size.shortest_edge)
+
+
+def _size_dict(size: "dict | SizeDict | None") -> SizeDict | None:
+    """A size as a `SizeDict`: a processor built in this process holds one, a saved config gives a plain dict."""
+    return size if size is None or isinstance(size, SizeDict) else SizeDict(**size)
+
+
+def _seen_span(offset: int, kept: int, resized: int, crop: int | None, total: int) -> tuple[float, float]:
+    """The fractions (start, end) of an image side of `total` pixels that one axis of preprocessing keeps: the trim
+    keeps `kept` pixels from `offset`, the resize makes them `resized`, and the centre crop (`None`: no crop) keeps
+    `crop` of those, starting where `center_crop` starts it. A crop longer than the side pads it, so the whole side
+    is seen."""
+    start, end = 0, resized
+    if crop is not None:
+        start = max(0, (resized - crop) // 2)
+        end = min(resized, (resized - crop) // 2 + crop)
+    scale = kept / resized  # original pixels per resized pixel
+    return (offset + start * scale) / total, (offset + end * scale) / total
+
+
 class ImgCapImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     crop_pct (`float`, *optional*, defaults to `self.crop_pct`):
@@ -291,7 +323,8 @@ class ImgCapImageProcessor(PilBackend):
 
     Every input first goes through `to_rgb_image` (EXIF orientation, first frame, any mode or bit depth to RGB, alpha
     composited onto white), so inputs that other image processors mangle (RGBA, palette, CMYK, 16-bit) work here.
-    It runs on PIL and numpy only (no torchvision needed).
+    It runs on PIL and numpy only (no torchvision needed). `crop_box(width, height)` says which part of a picture
+    the output shows, for drawing attention maps on it.
 
     Args:
         crop_size (`dict[str, int]` or `int`, *optional*, defaults to `{"height": 224, "width": 224}`):
@@ -377,9 +410,47 @@ class ImgCapImageProcessor(PilBackend):
         self, images: list[np.ndarray], size: SizeDict | None, crop_size: SizeDict, crop_pct: float, **kwargs
     ) -> BatchFeature:
         resize_size = self._resize_size(size, crop_size, crop_pct)
-        if kwargs.get("do_resize") and resize_size is not None and resize_size.shortest_edge:
+        if _trims_to_aspect_ratio(kwargs.get("do_resize"), resize_size):
             images = [_trim_to_aspect_ratio(image, MAX_ASPECT_RATIO) for image in images]
         return super()._preprocess(images, size=resize_size, crop_size=crop_size, **kwargs)
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of an upright `width` x `height` image that this processor's `pixel_values` show, as
+        (left, top, right, bottom) fractions of its width and height: where an attention map over the encoder's
+        regions lies on the picture.
+
+        It follows the preprocessing steps with the saved settings: the trim to `MAX_ASPECT_RATIO`, the resize (by
+        the backend's size rules, `_resized_shape`) and the centre crop.
+        """
+        resize_size = self._saved_resize_size()
+        do_resize = self.do_resize and resize_size is not None
+        if _trims_to_aspect_ratio(do_resize, resize_size):
+            top, left, kept_height, kept_width = _aspect_ratio_window(height, width, MAX_ASPECT_RATIO)
+        else:
+            top, left, kept_height, kept_width = 0, 0, height, width
+        if do_resize:
+            resized_height, resized_width = self._resized_shape(kept_height, kept_width, resize_size)
+        else:
+            resized_height, resized_width = kept_height, kept_width
+        crop = _size_dict(self.crop_size) if self.do_center_crop else SizeDict()
+        box_left, box_right = _seen_span(left, kept_width, resized_width, crop.width, width)
+        box_top, box_bottom = _seen_span(top, kept_height, resized_height, crop.height, height)
+        return box_left, box_top, box_right, box_bottom
+
+    @staticmethod
+    def _resized_shape(height: int, width: int, size: SizeDict) -> tuple[int, int]:
+        """The (height, width) that the PIL backend's `resize` gives a `height` x `width` image for `size`: the same
+        rules, in the same order, through the same transformers functions."""
+        if size.shortest_edge and size.longest_edge:
+            return get_size_with_aspect_ratio((height, width), size.shortest_edge, size.longest_edge)
+        if size.shortest_edge:
+            shape_only = np.broadcast_to(np.uint8(0), (1, height, width))  # the rule reads only the image's shape
+            return get_resize_output_image_size(
+                shape_only, size=size.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.FIRST
+            )
+        if size.max_height and size.max_width:
+            return get_image_size_for_max_height_width((height, width), size.max_height, size.max_width)
+        return size.height, size.width
 
     @property
     def load_min_side(self) -> int | None:
@@ -392,11 +463,7 @@ class ImgCapImageProcessor(PilBackend):
         """
         if not self.do_resize:
             return None
-        size = self.size if self.size is None or isinstance(self.size, SizeDict) else SizeDict(**self.size)
-        crop_size = self.crop_size
-        if crop_size is not None and not isinstance(crop_size, SizeDict):
-            crop_size = SizeDict(**crop_size)
-        resize = self._resize_size(size, crop_size, self.crop_pct)
+        resize = self._saved_resize_size()
         if resize is None:
             return None
         if resize.shortest_edge:
@@ -404,6 +471,10 @@ class ImgCapImageProcessor(PilBackend):
         if resize.height and resize.width:
             return int(min(resize.height, resize.width))
         return None
+
+    def _saved_resize_size(self) -> SizeDict | None:
+        """The resize target of this processor's own settings (as opposed to a call's overrides)."""
+        return self._resize_size(_size_dict(self.size), _size_dict(self.crop_size), self.crop_pct)
 
     @staticmethod
     def _resize_size(size: SizeDict | None, crop_size: SizeDict | None, crop_pct: float) -> SizeDict | None:

@@ -4,6 +4,8 @@ Shipped to Hub users as remote code: imports only transformers and the sibling i
 files (which `save_pretrained` then copies next to this one).
 """
 
+from collections.abc import Sequence
+
 from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -20,6 +22,28 @@ DEFAULT_MAX_CAPTION_LENGTH = 40
 
 # Tokenizers without a `model_max_length` report a huge sentinel (transformers' VERY_LARGE_INTEGER, about 1e30).
 _NO_MODEL_MAX_LENGTH = 10**9
+
+
+def caption_labels(
+    input_ids: Sequence[Sequence[int]],
+    attention_mask: Sequence[Sequence[int]] | None = None,
+    pad_to_longest: bool = False,
+) -> list[list[int]]:
+    """Training labels for tokenized captions `<sos> w1 ... wn <eos>`: each caption without its `<sos>`, since the
+    model predicts every token after it, with `IGNORE_INDEX` where `attention_mask` is 0 and, with `pad_to_longest`,
+    after the end of each caption shorter than the longest.
+
+    The one definition of labels: the processor, the training batches and the app's rescoring of generated captions
+    all build theirs here.
+    """
+    labels = []
+    for row, ids in enumerate(input_ids):
+        mask = attention_mask[row] if attention_mask is not None else [1] * len(ids)
+        labels.append([token if real else IGNORE_INDEX for token, real in zip(ids[1:], mask[1:])])
+    if pad_to_longest:
+        longest = max(len(caption) for caption in labels)
+        labels = [caption + [IGNORE_INDEX] * (longest - len(caption)) for caption in labels]
+    return labels
 
 
 class ImgCapProcessor(ProcessorMixin):
@@ -143,14 +167,12 @@ class ImgCapProcessor(ProcessorMixin):
             padding_side="right",
             return_attention_mask=True,
         )
-        labels = []
-        for ids, attention_mask in zip(encoded["input_ids"], encoded["attention_mask"]):
+        for ids in encoded["input_ids"]:
             if ids[0] != self.tokenizer.bos_token_id:
                 raise ValueError(
                     f"The tokenizer must start every caption with {self.tokenizer.bos_token}, got id {ids[0]} first."
                 )
-            labels.append([token if real else IGNORE_INDEX for token, real in zip(ids[1:], attention_mask[1:])])
-        return labels
+        return caption_labels(encoded["input_ids"], encoded["attention_mask"])
 
     @property
     def model_input_names(self) -> list[str]:
@@ -158,4 +180,4 @@ class ImgCapProcessor(ProcessorMixin):
         return ["pixel_values"]
 
 
-__all__ = ["DEFAULT_MAX_CAPTION_LENGTH", "ImgCapProcessor"]
+__all__ = ["DEFAULT_MAX_CAPTION_LENGTH", "IGNORE_INDEX", "ImgCapProcessor", "caption_labels"]

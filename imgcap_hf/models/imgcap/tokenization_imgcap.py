@@ -339,23 +339,50 @@ class ImgCapTokenizer(PreTrainedTokenizer):
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """Join words with single spaces, reassembling each run of letters between space tokens into one word."""
+        return " ".join(word for word, _ in self.words_with_positions(tokens))
+
+    def words_with_positions(
+        self, tokens: list[str], skip_special_tokens: bool = False
+    ) -> list[tuple[str, list[int]]]:
+        """The words that `tokens` decode to, each with the positions in `tokens` of the tokens that spell it.
+
+        The one place that decides what a word is, so that per-token values (attention weights, log-probabilities)
+        can be gathered over exactly the words that decoding prints. A word outside the vocabulary is spelled as
+        letters between two space tokens and is one word, both spaces included in its positions; a spelled word
+        missing its closing space ends at the next token that is not a letter (or at the end); a space token with no
+        letter after it makes no word. Every other token is a word of its own.
+
+        `skip_special_tokens=True` passes over the tokens that `decode(..., skip_special_tokens=True)` drops (every
+        special token but `<unk>`) as if they were not there, so the words are those of that decode.
+        """
+        skipped = set(self.all_special_tokens) - {self.unk_token} if skip_special_tokens else set()
         words = []
-        spelled_letters = None  # letters of the word being spelled; None outside a spelled word
-        for token in tokens:
-            if token == SPACE_TOKEN and spelled_letters is None:
-                spelled_letters = []
-            elif spelled_letters is not None and token in self._spelling_letters:
-                spelled_letters.append(token)
+        spelled = None  # positions of the word being spelled; None outside a spelled word
+
+        def finish_spelled_word() -> None:
+            letters = "".join(tokens[position] for position in spelled if tokens[position] != SPACE_TOKEN)
+            if letters:
+                words.append((letters, spelled))
+
+        for position, token in enumerate(tokens):
+            if token in skipped:
+                continue
+            if token == SPACE_TOKEN and spelled is None:
+                spelled = [position]
+            elif spelled is not None and token in self._spelling_letters:
+                spelled.append(position)
             else:
                 # A closing space, or any other token: either way the spelled word (if any) is complete.
-                if spelled_letters:
-                    words.append("".join(spelled_letters))
+                if spelled is not None:
+                    if token == SPACE_TOKEN:
+                        spelled.append(position)
+                    finish_spelled_word()
+                    spelled = None
                 if token != SPACE_TOKEN:
-                    words.append(token)
-                spelled_letters = None
-        if spelled_letters:
-            words.append("".join(spelled_letters))
-        return " ".join(words)
+                    words.append((token, [position]))
+        if spelled is not None:
+            finish_spelled_word()
+        return words
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         """Write `vocab.json` (token to id, in id order) and return its path."""
