@@ -40,6 +40,7 @@ from imgcap_hf import (
     ImgCapProcessor,
     ImgCapTokenizer,
     checkpointing,
+    publishing,
 )
 from imgcap_hf.batching import ImageCaptionCollator, encode_images, image_inputs, tokenize_captions
 from imgcap_hf.data import load_caption_dataset
@@ -150,8 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true", help="Upload the final model (token from HF_TOKEN).")
-    hub.add_argument("--hub_model_id", default=None)
+    hub.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Publish the final model as push_to_hub.py does (staged, verified, with a model card); the token comes "
+        "from HF_TOKEN or `hf auth login`.",
+    )
+    hub.add_argument("--hub_model_id", default=None, help="Model repository, USER/NAME.")
     return parser
 
 
@@ -174,8 +180,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.checkpointing_steps not in ("epoch", "no") and not str(args.checkpointing_steps).isdigit():
         parser.error("--checkpointing_steps must be an integer, 'epoch' or 'no'")
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id")
+    if args.push_to_hub:  # checked now, not when training is over
+        if not publishing.is_repo_id(args.hub_model_id):
+            parser.error(f"--push_to_hub needs --hub_model_id USER/NAME, got {args.hub_model_id!r}")
+        try:
+            publishing.check_logged_in()
+        except publishing.PublishError as error:
+            parser.error(str(error))
     try:  # a missing Java for --caption_tokenizer ptb-java stops the run before training, not after it
         resolve_caption_tokenizer(args.caption_tokenizer)
     except RuntimeError as error:
@@ -607,15 +618,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scores = ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items() if isinstance(v, float))
         logger.info(f"Test ({test_metrics['tokenizer']} tokenizer): {scores}")
         if args.push_to_hub:
-            from huggingface_hub import HfApi
-
-            api = HfApi()
-            api.create_repo(args.hub_model_id, exist_ok=True)
-            api.upload_folder(
-                repo_id=args.hub_model_id,
-                folder_path=output_dir,
-                ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{BEST_MODEL_DIR}/*", "*.tmp*", "runs/*", "*.pkl", "*.bin"],
-            )
+            # The same staging, checks and model card as `push_to_hub.py --model_dir OUTPUT_DIR --repo_id ID`.
+            commit = publishing.push_model_dir(output_dir, args.hub_model_id)
+            logger.info(f"Published {commit.commit_url}; pin revision={commit.oid!r} to trust its remote code.")
     if args.with_tracking:
         accelerator.end_training()
     return results

@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .loading import pickle_files
+from .pickles import pickle_files
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,12 @@ from safetensors import SafetensorError, safe_open
 from .models.imgcap.configuration_imgcap import ImgCapConfig
 from .models.imgcap.modeling_imgcap import ImgCapForConditionalGeneration
 from .models.imgcap.processing_imgcap import ImgCapProcessor
+from .pickles import pickle_files
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"  # sharded safetensors
 VOCAB_FILE = "vocab.json"
-
-# Formats that can run code when loaded (pickle and its wrappers): never read.
-PICKLE_SUFFIXES = (".bin", ".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib")
 
 # Weights whose first dimension is the vocabulary: they must agree with config.vocab_size.
 VOCABULARY_WEIGHTS = ("decoder.embedding.weight", "decoder.output.weight")
@@ -99,12 +97,6 @@ def check_model_folder(path: str | os.PathLike) -> None:
             )
 
 
-def pickle_files(folder: str | os.PathLike) -> list[str]:
-    """Names of the files in `folder` whose format can run code when loaded (`PICKLE_SUFFIXES`), sorted; they are
-    only ever named in an error, never opened."""
-    return sorted(item.name for item in Path(folder).iterdir() if item.suffix.lower() in PICKLE_SUFFIXES)
-
-
 def check_weight_shapes(path: str | os.PathLike, config: ImgCapConfig) -> None:
     """Read the safetensors header of a local folder (no tensor data) and check it against `config`.
 
@@ -171,5 +163,4 @@ __all__ = [
     "check_processor_matches_model",
     "check_weight_shapes",
     "load_captioner",
-    "pickle_files",
 ]

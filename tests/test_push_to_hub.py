@@ -1,5 +1,6 @@
-"""push_to_hub.py on a real (tiny) train.py run: what is staged, that it loads without our package, the card's
-numbers, the Space, the login check, and the upload with only the Hub's HTTP edge faked."""
+"""push_to_hub.py (and imgcap_hf.publishing under it) on a real (tiny) train.py run: what is staged, that it loads
+without our package, the card's numbers, the Space, the login check, and the upload with only the Hub's HTTP edge
+faked."""
 
 import json
 import os
@@ -19,6 +20,7 @@ from PIL import Image, ImageDraw
 
 import push_to_hub
 import train
+from imgcap_hf import publishing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAS_APP = (REPO_ROOT / "app.py").is_file()
@@ -176,13 +178,43 @@ def test_model_card_carries_the_runs_real_results(trained_run, dry_run):
     ],
 )
 def test_model_card_names_the_dataset_without_local_paths(trained_run, layout, dataset, hub_id, expected):
-    records = push_to_hub.load_run_records(trained_run)
+    records = publishing.load_run_records(trained_run)
     records.data_report["layout"] = layout
     records.training_args["dataset"] = dataset
-    metadata, body = split_card(push_to_hub.build_model_card(records, REPO_ID, "mit"))
+    metadata, body = split_card(publishing.build_model_card(records, REPO_ID, "mit"))
     assert metadata.get("datasets") == ([hub_id] if hub_id else None)
     assert metadata["license"] == "mit" and "synthetic-data" not in metadata["tags"]
     assert expected in body and "alice" not in body
+
+
+def test_model_card_names_the_caption_tokenizer_beside_the_scores(trained_run):
+    """The tokenizer the metrics used (`test_tokenizer`) is printed under the score table and kept in every metric's
+    args; the scores stay numbers, and a run that did not record the tokenizer gets a card without it."""
+    records = publishing.load_run_records(trained_run)
+    records.results.pop("test_tokenizer", None)
+    metadata, body = split_card(publishing.build_model_card(records, REPO_ID, "mit"))
+    assert "caption tokenizer" not in body
+    assert not any("tokenizer" in metric["args"] for metric in metadata["model-index"][0]["results"][0]["metrics"])
+
+    records.results["test_tokenizer"] = "ptb-java"
+    text = publishing.build_model_card(records, REPO_ID, "mit")
+    metadata, body = split_card(text)
+    table_end = body.index(f"| CIDEr | {records.results['test_cider']:.4f} |\n")
+    sentence = "Scores computed by the coco-caption metrics with the `ptb-java` caption tokenizer."
+    assert body.index(sentence) == body.index("\n\n", table_end) + 2  # the paragraph right after the table
+    metrics = metadata["model-index"][0]["results"][0]["metrics"]
+    assert metrics and all(metric["args"]["tokenizer"] == "ptb-java" for metric in metrics)
+    assert all(type(metric["value"]) in (int, float) for metric in metrics)
+    assert ModelCard(text).data.eval_results[0].metric_args["tokenizer"] == "ptb-java"
+
+
+def test_a_score_that_is_not_a_number_is_left_out_of_the_card(trained_run):
+    records = publishing.load_run_records(trained_run)
+    records.results["test_meteor"] = "unavailable"
+    metadata, body = split_card(publishing.build_model_card(records, REPO_ID, "mit"))
+    names = {metric["name"] for metric in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert "METEOR" not in names and {"BLEU-4", "CIDEr"} <= names and "meteor" not in metadata["metrics"]
+    assert "| METEOR |" not in body and "METEOR was not computed" in body
 
 
 @pytest.mark.skipif(not HAS_APP, reason="app.py (written by the app's author) is not in the repository yet")
@@ -236,7 +268,7 @@ def test_space_files_follow_the_apps_imports(tmp_path):
         f"numpy=={push_to_hub.importlib.metadata.version('numpy')}",
         f"PyYAML=={push_to_hub.importlib.metadata.version('PyYAML')}",
     ]
-    with pytest.raises(push_to_hub.PublishError, match="not_a_real_module"):
+    with pytest.raises(publishing.PublishError, match="not_a_real_module"):
         push_to_hub.pinned_requirements({"not_a_real_module"})
 
 
@@ -351,14 +383,14 @@ def test_unpublishable_folders_are_refused(trained_run, tmp_path, capsys, damage
 def test_pickles_and_subfolders_never_pass_verification(trained_run, dry_run, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(dry_run / "model", folder)
-    push_to_hub.verify_model_repo(folder)
+    publishing.verify_model_repo(folder)
     (folder / "optimizer.bin").write_bytes(b"\x80\x04")
-    with pytest.raises(push_to_hub.PublishError, match=r"pickle-based files \(optimizer.bin\)"):
-        push_to_hub.verify_model_repo(folder)
+    with pytest.raises(publishing.PublishError, match=r"pickle-based files \(optimizer.bin\)"):
+        publishing.verify_model_repo(folder)
     (folder / "optimizer.bin").unlink()
     (folder / "checkpoints").mkdir()
-    with pytest.raises(push_to_hub.PublishError, match="subfolders"):
-        push_to_hub.verify_model_repo(folder)
+    with pytest.raises(publishing.PublishError, match="subfolders"):
+        publishing.verify_model_repo(folder)
 
 
 def test_an_existing_staging_folder_is_not_overwritten(trained_run, dry_run, capsys):

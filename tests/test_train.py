@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_TRAIN_VISION, tiny_args
 from safetensors.torch import load_file
 
+import push_to_hub
 import train
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
 from imgcap_hf.checkpointing import CheckpointError
@@ -19,14 +20,25 @@ from imgcap_hf.checkpointing import CheckpointError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder_type", ["attention", "pooled"])
-def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_path, monkeypatch):
-    from huggingface_hub import HfApi
+def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_path, tmp_path_factory, monkeypatch):
+    from huggingface_hub import CommitInfo, HfApi
 
     uploads = []  # the network edge: record what would be sent to the Hub instead of sending it
+
+    def upload_folder(self, **kwargs):
+        uploads.append(("upload", {**kwargs, "uploaded": files_under(Path(kwargs["folder_path"]))}))
+        return CommitInfo(commit_url="https://huggingface.co/someone/tiny-captioner/commit/abc123",
+                          commit_message="", commit_description="", oid="abc123", pr_url=None)  # fmt: skip
+
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: uploads.append(("create", repo_id)))
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: uploads.append(("upload", kwargs)))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     # The pooled run keeps its encoder frozen, so it trains and evaluates from the feature cache.
     encoder = ["--freeze_encoder"] if decoder_type == "pooled" else ["--no-freeze_encoder"]
     results = train.main(
@@ -53,8 +65,15 @@ def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_
     assert list(tmp_path.rglob("events.out.tfevents.*"))  # TensorBoard logs were written
     assert uploads[0] == ("create", "someone/tiny-captioner")
     upload = uploads[1][1]
-    assert upload["repo_id"] == "someone/tiny-captioner" and Path(upload["folder_path"]) == tmp_path
-    assert {"checkpoints/*", "best_model/*", "runs/*"} <= set(upload["ignore_patterns"])
+    assert upload["repo_id"] == "someone/tiny-captioner" and Path(upload["folder_path"]) != tmp_path
+    # What was uploaded is exactly what push_to_hub.py stages from the same folder: card, checks and all.
+    stage = tmp_path_factory.mktemp("stage")
+    dry_run = ["--model_dir", str(tmp_path), "--repo_id", "someone/tiny-captioner", "--dry_run", "--output_dir"]
+    assert push_to_hub.main([*dry_run, str(stage)]) == 0
+    assert upload["uploaded"] == files_under(stage / "model")
+    assert {"README.md", "model.safetensors", "modeling_imgcap.py"} <= set(upload["uploaded"])
+    assert (tmp_path / "checkpoints").is_dir() and (tmp_path / "best_model").is_dir()
+    assert all("/" not in name for name in upload["uploaded"])  # no checkpoints, best model or logs
 
 
 @pytest.mark.slow
@@ -138,6 +157,26 @@ def test_the_older_decoder_name_lstm_is_read_as_pooled(tmp_path):
     assert train.parse_args(["--config", str(older_recipe)]).decoder_type == "pooled"
     with pytest.raises(SystemExit):
         train.parse_args(["--decoder_type", "transformer"])
+
+
+def test_push_to_hub_is_checked_before_training(tmp_path, monkeypatch, capsys):
+    """A malformed repository id or a missing Hub login stops train.py at start-up, not once training is over."""
+    import huggingface_hub.constants
+
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    for extra, message in (
+        ([], "--push_to_hub needs --hub_model_id USER/NAME, got None"),
+        (["--hub_model_id", "no-owner"], "got 'no-owner'"),
+        (["--hub_model_id", "someone/tiny-captioner"], "Not logged in to the Hugging Face Hub"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(tiny_args(tmp_path, "attention", "--push_to_hub", *extra))
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    args = train.parse_args(tiny_args(tmp_path, "attention", "--push_to_hub", "--hub_model_id", "someone/x"))
+    assert args.push_to_hub and args.hub_model_id == "someone/x"
 
 
 @pytest.mark.slow
