@@ -12,6 +12,8 @@ model, optimizer, the training loop (with validation, best-model keeping and ato
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -19,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,10 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedConfig, get_scheduler
 
 from imgcap_hf import (
     ImgCapConfig,
@@ -84,26 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--feature_cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--decoder_type", choices=["attention", "lstm"], default="attention")
-    model.add_argument(
-        "--vision_model_name_or_path", default=None, help="Pretrained backbone (e.g. microsoft/resnet-50)."
+    model = parser.add_argument_group(
+        "model", "The fields of ImgCapConfig, its docstring as help (the tokenizer sets vocab_size and token ids)."
     )
     model.add_argument(
-        "--vision_config", type=json.loads, default=None, help="Random-init backbone config as JSON/YAML mapping."
+        "--vision_model_name_or_path",
+        default=None,
+        help="Pretrained backbone (e.g. microsoft/resnet-50); its own config replaces --vision_config.",
     )
-    model.add_argument("--hidden_size", type=int, default=1024)
-    model.add_argument("--embedding_size", type=int, default=1024)
-    model.add_argument("--num_hidden_layers", type=int, default=2)
-    model.add_argument("--attention_size", type=int, default=1024)
-    model.add_argument("--image_head_size", type=int, default=1024)
-    model.add_argument("--image_pooling", choices=["mean", "max"], default="mean")
-    model.add_argument("--normalize_image_input", action=argparse.BooleanOptionalAction, default=False)
-    model.add_argument("--dropout", type=float, default=0.5)
-    model.add_argument("--region_grid_size", type=int, default=7)
-    model.add_argument("--use_region_positions", action=argparse.BooleanOptionalAction, default=False)
-    model.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True)
-    model.add_argument("--teacher_forcing_ratio", type=float, default=1.0)
+    add_model_config_flags(model)
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", default="outputs/shapes-attention")
@@ -165,7 +158,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--checkpointing_steps must be an integer, 'epoch' or 'no'")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    # The config validates its own fields (enumerations, sizes, ranges): a bad value fails here, not after the data
+    # is loaded.
+    try:
+        ImgCapConfig(**model_config_kwargs(args))
+    except (ValueError, StrictDataclassError) as error:
+        parser.error(f"model flags: {error}")
     return args
+
+
+# The model flags are the fields that ImgCapConfig adds to PreTrainedConfig, with the config's defaults and the
+# descriptions of its docstring's `Args:` section, so that a new config field is a flag without an edit here. Fields
+# that PreTrainedConfig itself declares (`is_encoder_decoder`, `return_dict`, ...) describe any model and are not
+# training choices. The tokenizer that train.py builds from the training captions decides the vocabulary size; the
+# special token ids keep the config's defaults, which are that tokenizer's fixed layout.
+
+
+def set_by_the_tokenizer(field_name: str) -> bool:
+    return field_name == "vocab_size" or field_name.endswith("_token_id")
+
+
+def model_config_fields() -> list[dataclasses.Field]:
+    """The ImgCapConfig fields that are train.py flags, in the config's order."""
+    common = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    return [
+        field
+        for field in dataclasses.fields(ImgCapConfig)
+        if field.name not in common and not set_by_the_tokenizer(field.name)
+    ]
+
+
+def documented_fields(config_class: type[PreTrainedConfig]) -> dict[str, str]:
+    """Each field's description in the `Args:` sections of `config_class` and of its bases below PreTrainedConfig (a
+    subclass's entry wins): the lines indented under `name (`type`, ...):` joined into one; an entry may describe
+    several fields at once (`first, second (`int`):`)."""
+    descriptions: dict[str, list[str]] = {}
+    for cls in reversed(config_class.__mro__):
+        if not issubclass(cls, PreTrainedConfig) or cls is PreTrainedConfig:
+            continue
+        lines = inspect.cleandoc(cls.__dict__.get("__doc__") or "").splitlines()
+        if "Args:" not in lines:
+            continue
+        entry_indent, description = None, []
+        for line in lines[lines.index("Args:") + 1 :]:
+            if not line.strip():
+                continue
+            indent = len(line) - len(line.lstrip())
+            if indent == 0:
+                break  # the next section, e.g. "Example:"
+            if entry_indent is None or indent == entry_indent:
+                entry_indent, description = indent, []
+                for name in line.strip().split(" (", 1)[0].split(", "):
+                    descriptions[name] = description
+            else:
+                description.append(line.strip())
+    return {name: " ".join(description) for name, description in descriptions.items()}
+
+
+def add_model_config_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per ImgCapConfig field that is a training choice, typed from the field's annotation."""
+    descriptions = documented_fields(ImgCapConfig)
+    for field in model_config_fields():
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        # Markdown quotes read as noise in a terminal; argparse formats help with %.
+        help_text = descriptions.get(field.name, "").replace("`", "").replace("%", "%%")
+        flag = f"--{field.name}"
+        value_types = [t for t in typing.get_args(field.type) or (field.type,) if t is not type(None)]
+        if typing.get_origin(field.type) is typing.Literal:
+            group.add_argument(flag, choices=value_types, default=default, help=help_text)
+        elif value_types == [bool]:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif len(value_types) == 1 and value_types[0] in (int, float, str):
+            group.add_argument(flag, type=value_types[0], default=default, help=help_text)
+        else:  # a sub-config or another mapping
+            group.add_argument(flag, type=json.loads, default=default, help=f"{help_text} Given as JSON.")
+
+
+def model_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ImgCapConfig fields as the flags set them. A pretrained backbone brings its own `vision_config`."""
+    kwargs = {field.name: getattr(args, field.name) for field in model_config_fields()}
+    if args.vision_model_name_or_path:
+        del kwargs["vision_config"]
+    return kwargs
 
 
 # ====================================================================================================================
@@ -245,25 +319,10 @@ def save_model_atomically(model, processor, generation_kwargs: dict[str, Any], t
 
 
 def build_model(args: argparse.Namespace, vocab_size: int) -> ImgCapForConditionalGeneration:
-    model_settings = dict(
-        decoder_type=args.decoder_type,
-        vocab_size=vocab_size,
-        hidden_size=args.hidden_size,
-        embedding_size=args.embedding_size,
-        num_hidden_layers=args.num_hidden_layers,
-        attention_size=args.attention_size,
-        image_head_size=args.image_head_size,
-        image_pooling=args.image_pooling,
-        normalize_image_input=args.normalize_image_input,
-        dropout=args.dropout,
-        region_grid_size=args.region_grid_size,
-        use_region_positions=args.use_region_positions,
-        freeze_encoder=args.freeze_encoder,
-        teacher_forcing_ratio=args.teacher_forcing_ratio,
-    )
+    config_kwargs = {**model_config_kwargs(args), "vocab_size": vocab_size}
     if args.vision_model_name_or_path:
-        return ImgCapForConditionalGeneration.from_vision_pretrained(args.vision_model_name_or_path, **model_settings)
-    return ImgCapForConditionalGeneration(ImgCapConfig(vision_config=args.vision_config, **model_settings))
+        return ImgCapForConditionalGeneration.from_vision_pretrained(args.vision_model_name_or_path, **config_kwargs)
+    return ImgCapForConditionalGeneration(ImgCapConfig(**config_kwargs))
 
 
 def build_image_processor(args: argparse.Namespace) -> ImgCapImageProcessor:
