@@ -5,13 +5,17 @@
     python train.py --config configs/shapes_pooled.yaml --num_train_epochs 2 --output_dir outputs/pooled
 
 Settings come from a YAML recipe (`--config`, default `configs/shapes_attention.yaml`); command-line flags override
-it, and the resolved settings are saved beside the model. The script reads top to bottom: arguments, set-up, data,
-model, optimizer, the training loop (with validation, best-model keeping and atomic checkpoints), final test.
+it, and the resolved settings are saved beside the model. The model flags are the fields of `ImgCapConfig`, with its
+defaults and its docstring as their help. `main()` at the bottom reads top to bottom in phases: config, init, data,
+model, optimizer, resume, the training loop (each epoch validated, the best model kept, atomic checkpoints),
+evaluation on the test split, final save; the functions above it are those phases' pieces, in that order.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -19,6 +23,7 @@ import os
 import shutil
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +34,10 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedConfig, get_scheduler
 
 from imgcap_hf import (
     ImgCapConfig,
@@ -45,7 +51,6 @@ from imgcap_hf import (
 from imgcap_hf.batching import ImageCaptionCollator, encode_images, image_inputs, tokenize_captions
 from imgcap_hf.data import load_caption_dataset
 from imgcap_hf.evaluation import evaluate_split
-from imgcap_hf.models.imgcap.configuration_imgcap import canonical_decoder_type
 from imgcap_hf.scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
 
 logger = get_logger(__name__)
@@ -87,28 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--feature_cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--decoder_type", type=canonical_decoder_type, choices=ImgCapConfig.decoder_types, default="attention"
-    )  # "lstm", the older name of "pooled", is read as "pooled"
-    model.add_argument(
-        "--vision_model_name_or_path", default=None, help="Pretrained backbone (e.g. microsoft/resnet-50)."
+    model = parser.add_argument_group(
+        "model", "The fields of ImgCapConfig, its docstring as help (the tokenizer sets vocab_size and token ids)."
     )
     model.add_argument(
-        "--vision_config", type=json.loads, default=None, help="Random-init backbone config as JSON/YAML mapping."
+        "--vision_model_name_or_path",
+        default=None,
+        help="Pretrained backbone (e.g. microsoft/resnet-50); its own config replaces --vision_config.",
     )
-    model.add_argument("--hidden_size", type=int, default=1024)
-    model.add_argument("--embedding_size", type=int, default=1024)
-    model.add_argument("--num_hidden_layers", type=int, default=2)
-    model.add_argument("--attention_size", type=int, default=1024)
-    model.add_argument("--image_head_size", type=int, default=1024)
-    model.add_argument("--image_pooling", choices=["mean", "max"], default="mean")
-    model.add_argument("--normalize_image_input", action=argparse.BooleanOptionalAction, default=False)
-    model.add_argument("--dropout", type=float, default=0.5)
-    model.add_argument("--region_grid_size", type=int, default=7)
-    model.add_argument("--use_region_positions", action=argparse.BooleanOptionalAction, default=False)
-    model.add_argument("--freeze_encoder", action=argparse.BooleanOptionalAction, default=True)
-    model.add_argument("--teacher_forcing_ratio", type=float, default=1.0)
+    add_model_config_flags(model)
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", default="outputs/shapes-attention")
@@ -191,7 +183,209 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         resolve_caption_tokenizer(args.caption_tokenizer)
     except RuntimeError as error:
         parser.error(str(error))
+    # The config validates its own fields (enumerations, sizes, ranges): a bad value fails here, not after the data
+    # is loaded. Its values go back into the flags, so an older name (decoder_type "lstm") is saved as the current one.
+    try:
+        config = ImgCapConfig(**model_config_kwargs(args))
+    except (ValueError, StrictDataclassError) as error:
+        parser.error(f"model flags: {error}")
+    for name, value in model_config_kwargs(args).items():
+        if isinstance(value, str | int | float | bool):  # sub-configs stay as the mappings the flags gave
+            setattr(args, name, getattr(config, name))
     return args
+
+
+# The model flags are the fields that ImgCapConfig adds to PreTrainedConfig, with the config's defaults and the
+# descriptions of its docstring's `Args:` section, so that a new config field is a flag without an edit here. Fields
+# that PreTrainedConfig itself declares (`is_encoder_decoder`, `return_dict`, ...) describe any model and are not
+# training choices. The tokenizer that train.py builds from the training captions decides the vocabulary size; the
+# special token ids keep the config's defaults, which are that tokenizer's fixed layout.
+
+
+def set_by_the_tokenizer(field_name: str) -> bool:
+    return field_name == "vocab_size" or field_name.endswith("_token_id")
+
+
+def model_config_fields() -> list[dataclasses.Field]:
+    """The ImgCapConfig fields that are train.py flags, in the config's order."""
+    common = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    return [
+        field
+        for field in dataclasses.fields(ImgCapConfig)
+        if field.name not in common and not set_by_the_tokenizer(field.name)
+    ]
+
+
+def documented_fields(config_class: type[PreTrainedConfig]) -> dict[str, str]:
+    """Each field's description in the `Args:` sections of `config_class` and of its bases below PreTrainedConfig (a
+    subclass's entry wins): the lines indented under `name (`type`, ...):` joined into one; an entry may describe
+    several fields at once (`first, second (`int`):`)."""
+    descriptions: dict[str, list[str]] = {}
+    for cls in reversed(config_class.__mro__):
+        if not issubclass(cls, PreTrainedConfig) or cls is PreTrainedConfig:
+            continue
+        lines = inspect.cleandoc(cls.__dict__.get("__doc__") or "").splitlines()
+        if "Args:" not in lines:
+            continue
+        entry_indent, description = None, []
+        for line in lines[lines.index("Args:") + 1 :]:
+            if not line.strip():
+                continue
+            indent = len(line) - len(line.lstrip())
+            if indent == 0:
+                break  # the next section, e.g. "Example:"
+            if entry_indent is None or indent == entry_indent:
+                entry_indent, description = indent, []
+                for name in line.strip().split(" (", 1)[0].split(", "):
+                    descriptions[name] = description
+            else:
+                description.append(line.strip())
+    return {name: " ".join(description) for name, description in descriptions.items()}
+
+
+def add_model_config_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per ImgCapConfig field that is a training choice, typed from the field's annotation."""
+    descriptions = documented_fields(ImgCapConfig)
+    for field in model_config_fields():
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        # Markdown quotes read as noise in a terminal; argparse formats help with %.
+        help_text = descriptions.get(field.name, "").replace("`", "").replace("%", "%%")
+        flag = f"--{field.name}"
+        value_types = [t for t in typing.get_args(field.type) or (field.type,) if t is not type(None)]
+        if typing.get_origin(field.type) is typing.Literal:
+            group.add_argument(flag, choices=value_types, default=default, help=help_text)
+        elif value_types == [bool]:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif len(value_types) == 1 and value_types[0] in (int, float, str):
+            group.add_argument(flag, type=value_types[0], default=default, help=help_text)
+        else:  # a sub-config or another mapping
+            group.add_argument(flag, type=json.loads, default=default, help=f"{help_text} Given as JSON.")
+
+
+def model_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ImgCapConfig fields as the flags set them. A pretrained backbone brings its own `vision_config`."""
+    kwargs = {field.name: getattr(args, field.name) for field in model_config_fields()}
+    if args.vision_model_name_or_path:
+        del kwargs["vision_config"]
+    return kwargs
+
+
+# ====================================================================================================================
+# Init, data, model, optimizer: the pieces that main() puts together
+# ====================================================================================================================
+
+
+def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
+    # accelerate picks DDP over gloo for several processes only when told to use the CPU.
+    multi_process_without_gpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(
+        cpu=args.cpu or multi_process_without_gpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def set_up_logging(accelerator: Accelerator) -> None:
+    """Our INFO lines everywhere; the libraries' warnings from the local main process only."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def prepare_output_dir(args: argparse.Namespace, output_dir: Path) -> None:
+    """On the main process: a writable folder without leftovers of an interrupted checkpoint, and the resolved
+    arguments saved in it."""
+    # Fail now, not after an hour of training, if the folder cannot be written.
+    checkpointing.check_output_dir_writable(output_dir)
+    for leftover in checkpointing.clean_interrupted(output_dir / CHECKPOINTS_DIR):
+        logger.info(f"Removed {leftover}, left by an interrupted checkpoint write or deletion")
+    (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+
+
+def load_data(args: argparse.Namespace):
+    shapes_kwargs = {
+        "num_train": args.shapes_num_train,
+        "num_validation": args.shapes_num_eval,
+        "num_test": args.shapes_num_eval,
+        "image_size": args.image_size,
+    }
+    splits, report = load_caption_dataset(args.dataset, karpathy_json=args.karpathy_json, shapes_kwargs=shapes_kwargs)
+    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
+    if args.max_eval_samples is not None:
+        splits["test"] = splits["test"].select(range(min(args.max_eval_samples, len(splits["test"]))))
+    for name in ("train", "validation", "test"):
+        if len(splits[name]) == 0:
+            raise ValueError(f"The {name} split of {args.dataset!r} is empty after loading: {report}")
+    return splits, report
+
+
+def build_image_processor(args: argparse.Namespace) -> ImgCapImageProcessor:
+    return ImgCapImageProcessor(
+        crop_size={"height": args.image_size, "width": args.image_size},
+        crop_pct=args.crop_pct,
+    )
+
+
+def build_model(args: argparse.Namespace, vocab_size: int) -> ImgCapForConditionalGeneration:
+    config_kwargs = {**model_config_kwargs(args), "vocab_size": vocab_size}
+    if args.vision_model_name_or_path:
+        return ImgCapForConditionalGeneration.from_vision_pretrained(args.vision_model_name_or_path, **config_kwargs)
+    return ImgCapForConditionalGeneration(ImgCapConfig(**config_kwargs))
+
+
+def use_feature_cache(args: argparse.Namespace) -> bool:
+    return args.feature_cache == "on" or (args.feature_cache == "auto" and args.freeze_encoder)
+
+
+def encode_all_splits(args, accelerator: Accelerator, model, splits, image_processor) -> dict[str, torch.Tensor]:
+    """The frozen encoder's region features of every image of every split, computed once: training and evaluation
+    then run only the decoder."""
+    if not args.freeze_encoder:
+        raise ValueError("--feature_cache on needs a frozen encoder: a trained encoder changes its features")
+    cache_dtype = getattr(torch, args.feature_cache_dtype)
+    model.to(accelerator.device)
+    features = {}
+    for name in ("train", "validation", "test"):
+        features[name] = encode_images(
+            model, splits[name], image_processor, args.per_device_eval_batch_size, accelerator.device, cache_dtype
+        )
+    logger.info(f"Feature cache: {sum(f.numel() * f.element_size() for f in features.values()) / 2**20:.1f} MiB")
+    return features
+
+
+def build_train_dataloader(args, train_split, image_processor, caption_ids, features) -> DataLoader:
+    """Shuffled batches of training images, each with all its captions (and its cached features, when given)."""
+    return DataLoader(
+        list(range(len(train_split))),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        collate_fn=ImageCaptionCollator(train_split, image_processor, caption_ids, features=features),
+        num_workers=args.dataloader_num_workers,
+        # Its own generator: creating an iterator must not draw from the global RNG, or a run resumed mid-epoch
+        # (which creates one more iterator) would get different dropout and teacher-forcing draws. It also seeds the
+        # workers: each epoch's iterator draws their base seed from it (torch seeds `random`, numpy and torch there).
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def plan_training_steps(args: argparse.Namespace, num_batches: int, num_processes: int) -> tuple[int, int]:
+    """The number of optimizer steps (`--max_train_steps`, else `--num_train_epochs` worth) and of epochs."""
+    # Each process will see its shard of the batches: count optimizer steps per process.
+    batches_per_process = math.ceil(num_batches / num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * steps_per_epoch
+    return max_train_steps, math.ceil(max_train_steps / steps_per_epoch)
 
 
 # ====================================================================================================================
@@ -204,7 +398,7 @@ class TrainingProgress:
 
     def __init__(self):
         self.epoch = 0
-        self.step_in_epoch = 0  # optimizer steps done in the current epoch
+        self.step_in_epoch = 0  # optimizer steps' worth of batches consumed in this epoch, skipped ones included
         self.completed_steps = 0
         self.epoch_loss_sum = 0.0  # finite batch losses of the current epoch, so a resumed epoch's mean is the same
         self.epoch_loss_count = 0
@@ -212,6 +406,14 @@ class TrainingProgress:
         self.best_step = None
         self.nonfinite_losses = 0
         self.history = []  # one entry per epoch: train loss and validation metrics
+
+    def mean_epoch_loss(self) -> float:
+        return self.epoch_loss_sum / max(self.epoch_loss_count, 1)
+
+    def start_next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
 
     def state_dict(self) -> dict[str, Any]:
         state = dict(vars(self))
@@ -253,73 +455,206 @@ def open_train_log(path: Path, resumed_step: int | None):
     return path.open("a")
 
 
+def save_model(model, processor, generation_kwargs: dict[str, Any], folder: Path) -> None:
+    """A folder that `from_pretrained` loads: the weights, the configs with the evaluation's generation settings, and
+    the processor."""
+    model.generation_config.update(**generation_kwargs)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
 def save_model_atomically(model, processor, generation_kwargs: dict[str, Any], target: Path) -> None:
     staging = target.with_name(target.name + ".tmp")
     if staging.exists():
         shutil.rmtree(staging)
-    model.generation_config.update(**generation_kwargs)
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
+    save_model(model, processor, generation_kwargs, staging)
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
 
 
 # ====================================================================================================================
-# Set-up pieces
+# The training loop: epochs of optimizer steps, each epoch validated
 # ====================================================================================================================
 
 
-def build_model(args: argparse.Namespace, vocab_size: int) -> ImgCapForConditionalGeneration:
-    model_settings = dict(
-        decoder_type=args.decoder_type,
-        vocab_size=vocab_size,
-        hidden_size=args.hidden_size,
-        embedding_size=args.embedding_size,
-        num_hidden_layers=args.num_hidden_layers,
-        attention_size=args.attention_size,
-        image_head_size=args.image_head_size,
-        image_pooling=args.image_pooling,
-        normalize_image_input=args.normalize_image_input,
-        dropout=args.dropout,
-        region_grid_size=args.region_grid_size,
-        use_region_positions=args.use_region_positions,
-        freeze_encoder=args.freeze_encoder,
-        teacher_forcing_ratio=args.teacher_forcing_ratio,
+@dataclasses.dataclass
+class TrainingRun:
+    """What the training loop works with: the settings, the objects accelerate prepared, the validation data, and where
+    the run stands."""
+
+    args: argparse.Namespace
+    output_dir: Path
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared by accelerate (wrapped for DDP on several processes)
+    training_forward: Any  # the model, compiled with --torch_compile
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_dataloader: DataLoader
+    processor: ImgCapProcessor
+    validation_split: datasets.Dataset
+    validation_features: torch.Tensor | None
+    generation_kwargs: dict[str, Any]
+    progress: TrainingProgress
+    progress_bar: tqdm
+    train_log: typing.TextIO | None  # on the main process only
+    nonfinite_streak: int = 0  # batches skipped in a row; not checkpointed, so a resumed run counts afresh
+
+
+def train_all_epochs(run: TrainingRun, num_epochs: int) -> str | None:
+    """Epoch after epoch until `max_train_steps`: train, validate (keeping the best model), checkpoint when the epoch
+    ends (with `--checkpointing_steps epoch`). Returns why training stopped early, or None."""
+    while run.progress.epoch < num_epochs and run.progress.completed_steps < run.args.max_train_steps:
+        stop_reason = train_one_epoch(run)
+        if stop_reason:
+            logger.error(f"Training stopped: {stop_reason}. The last good checkpoint is kept.")
+            return stop_reason
+        validate_and_keep_best(run)
+        run.progress.start_next_epoch()
+        if run.args.checkpointing_steps == "epoch":
+            save_checkpoint(run)
+    return None
+
+
+def train_one_epoch(run: TrainingRun) -> str | None:
+    """The epoch's optimizer steps, from where a resumed run stands, each one logged and checkpointed when due.
+    Returns why training must stop, or None."""
+    args, accelerator, progress = run.args, run.accelerator, run.progress
+    run.model.train()
+    run.train_dataloader.set_epoch(progress.epoch)  # the same seeded shuffle on every process and on resume
+    batches = run.train_dataloader
+    if progress.step_in_epoch:
+        batches = accelerator.skip_first_batches(
+            run.train_dataloader, progress.step_in_epoch * args.gradient_accumulation_steps
+        )
+    step_losses = []  # mean loss over the processes, per micro-batch of the current optimizer step
+    for batch in batches:
+        loss = train_on_batch(run, batch)
+        if run.nonfinite_streak >= args.max_consecutive_nonfinite:
+            return f"{run.nonfinite_streak} non-finite losses in a row"
+        if loss is not None:
+            step_losses.append(loss)
+        if not accelerator.sync_gradients:
+            continue  # accumulating: the optimizer step comes with a later micro-batch
+        progress.step_in_epoch += 1  # batches consumed in this epoch, to skip them when resuming
+        if loss is None:
+            step_losses = []
+            continue  # no optimizer update happened: not a completed step
+        progress.completed_steps += 1
+        record_step(run, sum(step_losses) / len(step_losses))
+        step_losses = []
+        if str(args.checkpointing_steps).isdigit() and progress.completed_steps % int(args.checkpointing_steps) == 0:
+            save_checkpoint(run)
+        if progress.completed_steps >= args.max_train_steps:
+            break
+    return None
+
+
+def train_on_batch(run: TrainingRun, batch: dict[str, Any]) -> float | None:
+    """Forward and backward on one micro-batch, and the optimizer step once the accumulation is complete. Returns the
+    loss averaged over the processes, or None when the batch is skipped because a loss is not finite."""
+    accelerator, progress = run.accelerator, run.progress
+    with accelerator.accumulate(run.model):
+        loss = run.training_forward(
+            **image_inputs(batch), labels=batch["labels"], image_indices=batch["image_indices"]
+        ).loss
+        # Every process must take the same decision, or DDP would wait forever for the skipped backward.
+        losses = accelerator.gather(loss.detach().float().reshape(1))  # (processes,)
+        mean_loss = None
+        if bool(torch.isfinite(losses).all()):
+            run.nonfinite_streak = 0
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                # After unscaling (accelerate does it for fp16) and before the step: clipping that counts.
+                accelerator.clip_grad_norm_(run.model.parameters(), run.args.max_grad_norm)
+            run.optimizer.step()  # the prepared optimizer and scheduler step only when gradients are synchronised
+            run.scheduler.step()
+            mean_loss = losses.mean().item()
+            progress.epoch_loss_sum += loss.item()
+            progress.epoch_loss_count += 1
+        else:
+            run.nonfinite_streak += 1
+            progress.nonfinite_losses += 1
+            logger.warning(f"Non-finite loss at step {progress.completed_steps}: batch skipped")
+        run.optimizer.zero_grad(set_to_none=True)
+    return mean_loss
+
+
+def record_step(run: TrainingRun, step_loss: float) -> None:
+    """A completed optimizer step on the progress bar, in the JSON-lines loss log and in the tracker."""
+    learning_rate = run.scheduler.get_last_lr()[0]
+    run.progress_bar.update(1)
+    run.progress_bar.set_postfix(loss=f"{step_loss:.3f}")
+    if run.train_log is not None:
+        entry = {"step": run.progress.completed_steps, "epoch": run.progress.epoch, "loss": step_loss,
+                 "lr": learning_rate}  # fmt: skip
+        run.train_log.write(json.dumps(entry) + "\n")
+        run.train_log.flush()
+    if run.args.with_tracking:
+        run.accelerator.log({"train_loss": step_loss, "lr": learning_rate}, run.progress.completed_steps)
+
+
+def validate_and_keep_best(run: TrainingRun) -> None:
+    """Free-running beam search on the validation split, corpus-level metrics, recorded in the history; a new best
+    CIDEr saves the model as best_model/."""
+    progress = run.progress
+    metrics, _ = evaluate_split(
+        run.accelerator, run.model, run.processor.tokenizer, run.processor.image_processor, run.validation_split,
+        batch_size=run.args.per_device_eval_batch_size, generation_kwargs=run.generation_kwargs,
+        features=run.validation_features, caption_tokenizer=run.args.caption_tokenizer,
+    )  # fmt: skip
+    mean_loss = progress.mean_epoch_loss()
+    progress.history.append(
+        {"epoch": progress.epoch, "step": progress.completed_steps, "train_loss": mean_loss, **metrics}
     )
-    if args.vision_model_name_or_path:
-        return ImgCapForConditionalGeneration.from_vision_pretrained(args.vision_model_name_or_path, **model_settings)
-    return ImgCapForConditionalGeneration(ImgCapConfig(vision_config=args.vision_config, **model_settings))
-
-
-def build_image_processor(args: argparse.Namespace) -> ImgCapImageProcessor:
-    return ImgCapImageProcessor(
-        crop_size={"height": args.image_size, "width": args.image_size},
-        crop_pct=args.crop_pct,
+    logger.info(
+        f"epoch {progress.epoch}: train loss {mean_loss:.4f}, validation "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     )
+    if run.args.with_tracking:
+        scalars = {f"validation_{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+        run.accelerator.log(scalars, progress.completed_steps)
+    if metrics["cider"] > progress.best_cider:
+        progress.best_cider, progress.best_step = metrics["cider"], progress.completed_steps
+        if run.accelerator.is_main_process:
+            save_model_atomically(
+                run.accelerator.unwrap_model(run.model), run.processor, run.generation_kwargs,
+                run.output_dir / BEST_MODEL_DIR,
+            )  # fmt: skip
 
 
-def load_data(args: argparse.Namespace):
-    shapes_kwargs = {
-        "num_train": args.shapes_num_train,
-        "num_validation": args.shapes_num_eval,
-        "num_test": args.shapes_num_eval,
-        "image_size": args.image_size,
-    }
-    splits, report = load_caption_dataset(args.dataset, karpathy_json=args.karpathy_json, shapes_kwargs=shapes_kwargs)
-    for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
-        if limit is not None:
-            splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
-    if args.max_eval_samples is not None:
-        splits["test"] = splits["test"].select(range(min(args.max_eval_samples, len(splits["test"]))))
-    for name in ("train", "validation", "test"):
-        if len(splits[name]) == 0:
-            raise ValueError(f"The {name} split of {args.dataset!r} is empty after loading: {report}")
-    return splits, report
+def save_checkpoint(run: TrainingRun) -> None:
+    checkpointing.save_checkpoint(
+        run.accelerator, run.output_dir / CHECKPOINTS_DIR, run.progress.completed_steps, run.model, run.optimizer,
+        run.scheduler, run.progress.state_dict(), total_limit=run.args.checkpoints_total_limit,
+    )  # fmt: skip
 
 
-def use_feature_cache(args: argparse.Namespace) -> bool:
-    return args.feature_cache == "on" or (args.feature_cache == "auto" and args.freeze_encoder)
+# ====================================================================================================================
+# After training: the early-stop report, or the best model's test scores and the final save
+# ====================================================================================================================
+
+
+def report_early_stop(run: TrainingRun, stop_reason: str) -> dict[str, Any]:
+    """Neither evaluate nor save a diverged model: the best model and the checkpoints stay as they were."""
+    progress = run.progress
+    results = {"stopped_early": stop_reason, "nonfinite_losses": progress.nonfinite_losses,
+               "completed_steps": progress.completed_steps, "history": progress.history}  # fmt: skip
+    if run.accelerator.is_main_process:
+        (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    run.accelerator.print(f"Training stopped early: {stop_reason}. Nothing was saved over earlier results.")
+    if run.args.with_tracking:
+        run.accelerator.end_training()
+    return results
+
+
+def load_best_model(run: TrainingRun) -> ImgCapForConditionalGeneration:
+    """The model with the best validation CIDEr (best_model/), or the trained one where there is no such folder."""
+    best_dir = run.output_dir / BEST_MODEL_DIR
+    if not (best_dir / "model.safetensors").is_file():
+        return run.accelerator.unwrap_model(run.model)
+    best_model = ImgCapForConditionalGeneration.from_pretrained(best_dir, use_safetensors=True)
+    return best_model.to(run.accelerator.device)
 
 
 # ====================================================================================================================
@@ -328,46 +663,27 @@ def use_feature_cache(args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    # ---- Config: the recipe, then the flags ----------------------------------------------------------------------
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
     start_time = time.time()
-    # Gradients that fade through the LSTM's steps reach denormal floats (below 1e-38), which x86 CPUs compute tens of
-    # times slower: flushing them to zero took a full-size decoder-only training step from 2.60 s to 0.73 s on a 2-core
-    # CPU (`python benchmarks/benchmark_imgcap.py --only decoder`, with and without `--keep_denormals`), and changes
-    # nothing a float32 model can represent usefully. Set before any parallel work, so that the CPU thread
-    # pool's workers inherit it. (GPU kernels are not affected.)
+    # Gradients that fade through the LSTM's steps reach denormal floats (below 1e-38), which x86 CPUs compute many
+    # times slower; flushing them to zero changes nothing a float32 model can usefully represent (the README's
+    # Performance section has the measurement). Set before any parallel work, so that the CPU thread pool's workers
+    # inherit it. GPU kernels are not affected.
     torch.set_flush_denormal(True)
 
-    # ---- Set-up ------------------------------------------------------------------------------------------------
-    # accelerate picks DDP over gloo for several processes only when told to use the CPU.
-    multi_process_without_gpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(
-        cpu=args.cpu or multi_process_without_gpu,
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to if args.with_tracking else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.set_verbosity_warning()
-    else:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
+    # ---- Init: processes, logging, the output folder, the checkpoint to resume from ------------------------------
+    accelerator = build_accelerator(args, output_dir)
+    set_up_logging(accelerator)
     if accelerator.is_main_process:
-        # Fail now, not after an hour of training, if the folder cannot be written.
-        checkpointing.check_output_dir_writable(output_dir)
-        for leftover in checkpointing.clean_interrupted(output_dir / CHECKPOINTS_DIR):
-            logger.info(f"Removed {leftover}, left by an interrupted checkpoint write or deletion")
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        prepare_output_dir(args, output_dir)
     accelerator.wait_for_everyone()
     # Resolved once, before any work: a bad folder is refused now, not after the data is loaded.
     resume_dir = resolve_resume_dir(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     set_seed(args.seed)
 
-    # ---- Data ----------------------------------------------------------------------------------------------------
+    # ---- Data: the splits, and a tokenizer built from the training captions --------------------------------------
     splits, data_report = load_data(args)
     logger.info(f"Data: {data_report}")
     train_captions = [caption for captions in splits["train"]["captions"] for caption in captions]
@@ -391,42 +707,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "length_penalty": args.length_penalty,
     }
+    features = encode_all_splits(args, accelerator, model, splits, image_processor) if use_feature_cache(args) else {}
 
-    features = {}
-    if use_feature_cache(args):
-        if not args.freeze_encoder:
-            raise ValueError("--feature_cache on needs a frozen encoder: a trained encoder changes its features")
-        cache_dtype = getattr(torch, args.feature_cache_dtype)
-        model.to(accelerator.device)
-        for name in ("train", "validation", "test"):
-            features[name] = encode_images(
-                model, splits[name], image_processor, args.per_device_eval_batch_size, accelerator.device, cache_dtype
-            )
-        logger.info(f"Feature cache: {sum(f.numel() * f.element_size() for f in features.values()) / 2**20:.1f} MiB")
-
-    # ---- Dataloader, optimizer, schedule -------------------------------------------------------------------------
-    train_dataloader = DataLoader(
-        list(range(len(splits["train"]))),
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        collate_fn=ImageCaptionCollator(
-            splits["train"], image_processor, train_caption_ids, features=features.get("train")
-        ),
-        num_workers=args.dataloader_num_workers,
-        # Its own generator: creating an iterator must not draw from the global RNG, or a run resumed mid-epoch
-        # (which creates one more iterator) would get different dropout and teacher-forcing draws. It also seeds the
-        # workers: each epoch's iterator draws their base seed from it (torch seeds `random`, numpy and torch there).
-        generator=torch.Generator().manual_seed(args.seed),
+    # ---- Optimizer and schedule ----------------------------------------------------------------------------------
+    train_dataloader = build_train_dataloader(
+        args, splits["train"], image_processor, train_caption_ids, features.get("train")
     )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
     )
-    # Each process will see its shard of the batches: count optimizer steps per process.
-    batches_per_process = math.ceil(len(train_dataloader) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    args.max_train_steps, num_epochs = plan_training_steps(args, len(train_dataloader), accelerator.num_processes)
     scheduler = get_scheduler(
         args.lr_scheduler_type,
         optimizer=optimizer,
@@ -437,26 +727,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
     training_forward = torch.compile(model) if args.torch_compile else model
 
-    progress = TrainingProgress()
+    # ---- Resume: the model, optimizer, schedule, RNG and progress of the checkpoint -------------------------------
     if args.with_tracking:
         accelerator.init_trackers("imgcap", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str))})
-
-    # ---- Resume --------------------------------------------------------------------------------------------------
-    resumed_step = None
-    if args.resume_from_checkpoint and resume_dir is None:
-        logger.info("No complete checkpoint to resume from: starting from scratch")
-    elif resume_dir is not None:
+    progress = TrainingProgress()
+    if resume_dir is not None:
         progress.load_state_dict(checkpointing.load_checkpoint(accelerator, resume_dir, model, optimizer, scheduler))
-        resumed_step = progress.completed_steps
         logger.info(f"Resumed from {resume_dir} at step {progress.completed_steps} (epoch {progress.epoch})")
+    elif args.resume_from_checkpoint:
+        logger.info("No complete checkpoint to resume from: starting from scratch")
+    resumed_step = progress.completed_steps if resume_dir is not None else None
     train_log = open_train_log(output_dir / TRAIN_LOG, resumed_step) if accelerator.is_main_process else None
 
-    def save_checkpoint():
-        checkpointing.save_checkpoint(
-            accelerator, output_dir / CHECKPOINTS_DIR, progress.completed_steps, model, optimizer, scheduler,
-            progress.state_dict(), total_limit=args.checkpoints_total_limit,
-        )  # fmt: skip
-
+    # ---- Training loop: epochs of optimizer steps, validation and the best model after each, checkpoints ---------
     logger.info("***** Running training *****")
     logger.info(f"  Images = {len(splits['train'])}, captions = {len(train_captions)}, epochs = {num_epochs}")
     logger.info(
@@ -465,128 +748,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.info(
         f"  Optimization steps = {args.max_train_steps}; parameters: {trainable:,} trainable, {frozen:,} frozen"
     )
-    progress_bar = tqdm(
-        total=args.max_train_steps, initial=progress.completed_steps, disable=not accelerator.is_local_main_process
-    )
-
-    # ---- Training loop -------------------------------------------------------------------------------------------
-    consecutive_nonfinite = 0
-    stopped_early = None
-    while progress.epoch < num_epochs and progress.completed_steps < args.max_train_steps and not stopped_early:
-        model.train()
-        train_dataloader.set_epoch(progress.epoch)  # the same seeded shuffle on every process and on resume
-        batches = train_dataloader
-        if progress.step_in_epoch:
-            batches = accelerator.skip_first_batches(
-                train_dataloader, progress.step_in_epoch * args.gradient_accumulation_steps
-            )
-        step_losses = []  # mean loss over the processes, per micro-batch of the current optimizer step
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss = training_forward(
-                    **image_inputs(batch), labels=batch["labels"], image_indices=batch["image_indices"]
-                ).loss
-                # Every process must take the same decision, or DDP would wait forever for the skipped backward.
-                losses = accelerator.gather(loss.detach().float().reshape(1))  # (processes,)
-                all_finite = bool(torch.isfinite(losses).all())
-                if all_finite:
-                    consecutive_nonfinite = 0
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        # After unscaling (accelerate does it for fp16) and before the step: clipping that counts.
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    step_losses.append(losses.mean().item())
-                    progress.epoch_loss_sum += loss.item()
-                    progress.epoch_loss_count += 1
-                else:
-                    consecutive_nonfinite += 1
-                    progress.nonfinite_losses += 1
-                    logger.warning(f"Non-finite loss at step {progress.completed_steps}: batch skipped")
-                optimizer.zero_grad(set_to_none=True)
-
-            if consecutive_nonfinite >= args.max_consecutive_nonfinite:
-                stopped_early = f"{consecutive_nonfinite} non-finite losses in a row"
-                break
-            if not accelerator.sync_gradients:
-                continue
-            progress.step_in_epoch += 1  # batches consumed in this epoch, to skip them when resuming
-            if not all_finite:
-                step_losses = []
-                continue  # no optimizer update happened: not a completed step
-            progress.completed_steps += 1
-            step_loss, step_losses = sum(step_losses) / max(len(step_losses), 1), []
-            progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{step_loss:.3f}")
-            if train_log is not None:
-                entry = {"step": progress.completed_steps, "epoch": progress.epoch, "loss": step_loss,
-                         "lr": scheduler.get_last_lr()[0]}  # fmt: skip
-                train_log.write(json.dumps(entry) + "\n")
-                train_log.flush()
-            if args.with_tracking:
-                accelerator.log({"train_loss": step_loss, "lr": scheduler.get_last_lr()[0]}, progress.completed_steps)
-            if (
-                str(args.checkpointing_steps).isdigit()
-                and progress.completed_steps % int(args.checkpointing_steps) == 0
-            ):
-                save_checkpoint()
-            if progress.completed_steps >= args.max_train_steps:
-                break
-
-        if stopped_early:
-            logger.error(f"Training stopped: {stopped_early}. The last good checkpoint is kept.")
-            break
-
-        # ---- Validation: free-running beam search, corpus-level metrics ----------------------------------------
-        metrics, _ = evaluate_split(
-            accelerator, model, tokenizer, image_processor, splits["validation"],
-            batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
-            features=features.get("validation"), caption_tokenizer=args.caption_tokenizer,
-        )  # fmt: skip
-        mean_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
-        progress.history.append(
-            {"epoch": progress.epoch, "step": progress.completed_steps, "train_loss": mean_loss, **metrics}
-        )
-        logger.info(
-            f"epoch {progress.epoch}: train loss {mean_loss:.4f}, validation "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        )
-        if args.with_tracking:
-            scalars = {f"validation_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-            accelerator.log(scalars, progress.completed_steps)
-        if metrics["cider"] > progress.best_cider:
-            progress.best_cider, progress.best_step = metrics["cider"], progress.completed_steps
-            if accelerator.is_main_process:
-                save_model_atomically(
-                    accelerator.unwrap_model(model), processor, generation_kwargs, output_dir / BEST_MODEL_DIR
-                )
-        progress.epoch += 1
-        progress.step_in_epoch = 0
-        progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
-        if args.checkpointing_steps == "epoch":
-            save_checkpoint()
-    progress_bar.close()
+    run = TrainingRun(
+        args=args, output_dir=output_dir, accelerator=accelerator, model=model, training_forward=training_forward,
+        optimizer=optimizer, scheduler=scheduler, train_dataloader=train_dataloader, processor=processor,
+        validation_split=splits["validation"], validation_features=features.get("validation"),
+        generation_kwargs=generation_kwargs, progress=progress, train_log=train_log,
+        progress_bar=tqdm(total=args.max_train_steps, initial=progress.completed_steps,
+                          disable=not accelerator.is_local_main_process),
+    )  # fmt: skip
+    stop_reason = train_all_epochs(run, num_epochs)
+    run.progress_bar.close()
     if train_log is not None:
         train_log.close()
     accelerator.wait_for_everyone()
-    if stopped_early:
-        # Neither evaluate nor save a diverged model: the best model and the checkpoints stay as they were.
-        results = {"stopped_early": stopped_early, "nonfinite_losses": progress.nonfinite_losses,
-                   "completed_steps": progress.completed_steps, "history": progress.history}  # fmt: skip
-        if accelerator.is_main_process:
-            (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        accelerator.print(f"Training stopped early: {stopped_early}. Nothing was saved over earlier results.")
-        if args.with_tracking:
-            accelerator.end_training()
-        return results
+    if stop_reason:
+        return report_early_stop(run, stop_reason)
 
-    # ---- Final model: the best by validation CIDEr, evaluated once on the test split --------------------------------
-    final_model = accelerator.unwrap_model(model)
-    best_dir = output_dir / BEST_MODEL_DIR
-    if (best_dir / "model.safetensors").is_file():
-        final_model = ImgCapForConditionalGeneration.from_pretrained(best_dir, use_safetensors=True)
-        final_model = final_model.to(accelerator.device)
+    # ---- Evaluation: the best model by validation CIDEr, once on the test split ----------------------------------
+    final_model = load_best_model(run)
     test_metrics, test_captions = evaluate_split(
         accelerator, final_model, tokenizer, image_processor, splits["test"],
         batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
@@ -605,10 +784,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "generation": generation_kwargs,
         "history": progress.history,
     }
+
+    # ---- Final save: the model, its results and sample captions; the Hub upload when asked -----------------------
     if accelerator.is_main_process:
-        final_model.generation_config.update(**generation_kwargs)
-        final_model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_model(final_model, processor, generation_kwargs, output_dir)
         samples = [
             {"image_id": splits["test"][row]["image_id"], "caption": test_captions[row]}
             for row in sorted(test_captions)[:20]

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 
 import push_to_hub
 import train
-from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
+from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration, ImgCapProcessor
 from imgcap_hf.checkpointing import CheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +178,72 @@ def test_push_to_hub_is_checked_before_training(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
     args = train.parse_args(tiny_args(tmp_path, "attention", "--push_to_hub", "--hub_model_id", "someone/x"))
     assert args.push_to_hub and args.hub_model_id == "someone/x"
+
+
+def test_a_new_config_field_is_a_flag_with_its_default_and_help_and_reaches_the_model(tmp_path, monkeypatch):
+    """The model flags are derived from ImgCapConfig: fields added to it become flags (typed, with the field's default
+    and its docstring entry as help) that recipes may set and whose values reach the built model's config."""
+
+    class ConfigWithNewFields(ImgCapConfig):
+        r"""
+        Args:
+            label_smoothing (`float`, *optional*, defaults to 0.05):
+                Share of the target probability spread over the
+                other words.
+            tie_embeddings (`bool`, *optional*, defaults to `False`):
+                Share the word embeddings with the output layer.
+            cell_type (`str`, *optional*, defaults to `"lstm"`):
+                The recurrent cell.
+        """
+
+        label_smoothing: float = 0.05
+        tie_embeddings: bool = False
+        cell_type: Literal["lstm", "gru"] = "lstm"
+
+    monkeypatch.setattr(train, "ImgCapConfig", ConfigWithNewFields)
+    flags = {action.dest: action for action in train.build_parser()._actions}
+    assert flags["label_smoothing"].default == 0.05 and flags["label_smoothing"].type is float
+    assert flags["label_smoothing"].help == "Share of the target probability spread over the other words."
+    assert flags["tie_embeddings"].default is False and flags["tie_embeddings"].help.startswith("Share the word")
+    assert list(flags["cell_type"].choices) == ["lstm", "gru"] and flags["cell_type"].default == "lstm"
+    assert flags["hidden_size"].help == "Size of the LSTM hidden state."  # the base class's entries still count
+
+    args = train.parse_args(
+        tiny_args(tmp_path, "attention", "--label_smoothing", "0.2", "--tie_embeddings", "--cell_type", "gru")
+    )
+    config = train.build_model(args, vocab_size=40).config
+    assert isinstance(config, ConfigWithNewFields)
+    assert (config.label_smoothing, config.tie_embeddings, config.cell_type) == (0.2, True, "gru")
+    assert (config.hidden_size, config.vocab_size, config.decoder_type) == (32, 40, "attention")
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("label_smoothing: 0.3\nhidden_size: 48\n")
+    from_recipe = train.parse_args(["--config", str(recipe)])
+    assert (from_recipe.label_smoothing, from_recipe.hidden_size) == (0.3, 48)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--cell_type", "rnn"])
+
+
+def test_model_flags_are_the_config_fields_and_the_config_validates_them(capsys):
+    """Every flag derived from ImgCapConfig has its docstring entry as help; what PreTrainedConfig declares for every
+    model and what the tokenizer decides are not flags; a value the config refuses stops parsing with its reason."""
+    flags = {action.dest: action for action in train.build_parser()._actions}
+    derived = [field.name for field in train.model_config_fields()]
+    assert {"decoder_type", "hidden_size", "dropout", "teacher_forcing_ratio", "vision_config"} <= set(derived)
+    for name in derived:
+        assert flags[name].help, f"--{name} has no help: is it in ImgCapConfig's Args: docstring section?"
+        assert flags[name].default == getattr(ImgCapConfig(), name) or name == "vision_config"
+    for name in ("pad_token_id", "eos_token_id", "is_encoder_decoder", "return_dict"):
+        assert name not in flags
+    assert flags["vocab_size"].help == "Largest vocabulary the tokenizer may build."  # the data flag, not the field
+    assert train.parse_args(["--vision_config", '{"model_type": "vit"}']).vision_config == {"model_type": "vit"}
+
+    for bad in (["--decoder_type", "transformer"], ["--hidden_size", "0"], ["--dropout", "1.5"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+    errors = capsys.readouterr().err
+    assert "decoder_type must be one of" in errors and "hidden_size must be a positive integer" in errors
+    assert "dropout must be in [0, 1)" in errors
 
 
 @pytest.mark.slow
