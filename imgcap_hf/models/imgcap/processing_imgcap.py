@@ -4,8 +4,6 @@ Shipped to Hub users as remote code: imports only transformers and the sibling i
 files (which `save_pretrained` then copies next to this one).
 """
 
-from collections.abc import Sequence
-
 from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
@@ -25,8 +23,8 @@ _NO_MODEL_MAX_LENGTH = 10**9
 
 
 def caption_labels(
-    input_ids: Sequence[Sequence[int]],
-    attention_mask: Sequence[Sequence[int]] | None = None,
+    input_ids: list[list[int]],
+    attention_mask: list[list[int]] | None = None,
     pad_to_longest: bool = False,
 ) -> list[list[int]]:
     """Training labels for tokenized captions `<sos> w1 ... wn <eos>`: each caption without its `<sos>`, since the
