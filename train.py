@@ -185,11 +185,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     # The config validates its own fields (enumerations, sizes, ranges): a bad value fails here, not after the data
     # is loaded. Its values go back into the flags, so an older name (decoder_type "lstm") is saved as the current one.
+    model_kwargs = model_config_kwargs(args)
     try:
-        config = ImgCapConfig(**model_config_kwargs(args))
+        config = ImgCapConfig(**model_kwargs)
     except (ValueError, StrictDataclassError) as error:
         parser.error(f"model flags: {error}")
-    for name, value in model_config_kwargs(args).items():
+    for name, value in model_kwargs.items():
         if isinstance(value, str | int | float | bool):  # sub-configs stay as the mappings the flags gave
             setattr(args, name, getattr(config, name))
     return args

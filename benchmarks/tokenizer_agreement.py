@@ -184,12 +184,8 @@ def read_coco_captions() -> list[str]:
 
 def agreement(captions: list[str]) -> tuple[int, list[tuple[str, str, str]]]:
     """How many captions both tokenizers turn into the same tokens, and `(caption, java, python)` for the others."""
-    java = java_tokenize(captions)
-    differing = [
-        (caption, java_tokens, python_tokenize(caption))
-        for caption, java_tokens in zip(captions, java)
-        if python_tokenize(caption) != java_tokens
-    ]
+    pairs = zip(captions, java_tokenize(captions), map(python_tokenize, captions))
+    differing = [(caption, java, python) for caption, java, python in pairs if java != python]
     return len(captions) - len(differing), differing
 
 
@@ -230,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hostile = hostile_captions(args.count_per_kind, args.seed)
     same, differing = agreement([caption for _, caption in hostile])
-    kind_of = dict((caption, kind) for kind, caption in hostile)
+    kind_of = {caption: kind for kind, caption in hostile}
     by_kind: dict[str, list] = defaultdict(list)
     for caption, java_tokens, python_tokens in differing:
         by_kind[kind_of[caption]].append({"caption": caption, "java": java_tokens, "python": python_tokens})
