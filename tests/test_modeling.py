@@ -262,16 +262,24 @@ def test_normalized_image_input_stays_at_unit_scale_however_large_the_image_path
     torch.testing.assert_close(image_input.std(-1, unbiased=False), torch.ones(3, 1), atol=1e-3, rtol=0)
 
 
-def test_max_pooling_reads_the_strongest_region():
+def test_max_pooling_reads_the_strongest_value_of_each_channel():
+    """Every region differs and values of both signs occur, so the max, the mean and the sum of the regions are three
+    different vectors; the max model must start from exactly the state the mean model gets from the per-channel max
+    (the mean of identical regions is that region)."""
     model = tiny_model("pooled", image_pooling="max")
-    regions = torch.zeros(2, 4, 32)
-    regions[1, 3] = 5.0  # one strong region: the max sees it whole, the mean would see a quarter of it
+    regions = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(0))  # (batch, regions, feature_size)
+    channel_max = regions.amax(dim=1, keepdim=True).expand_as(regions)  # every region replaced by the maximum
+    assert not torch.allclose(regions.amax(dim=1), regions.sum(dim=1))
+    assert not torch.allclose(regions.amax(dim=1), regions.mean(dim=1))
     mean_model = tiny_model("pooled")
     mean_model.load_state_dict(model.state_dict())
     with torch.no_grad():
         max_state = model._initial_state(regions)
-        mean_state = mean_model._initial_state(regions * 4)  # mean of (4x one region) == that region
-    torch.testing.assert_close(max_state.hidden[:, 1], mean_state.hidden[:, 1])
+        expected = mean_model._initial_state(channel_max)
+        sum_state = mean_model._initial_state(regions * regions.shape[1])  # what a sum pooling would give
+    torch.testing.assert_close(max_state.hidden, expected.hidden)
+    torch.testing.assert_close(max_state.cell, expected.cell)
+    assert not torch.allclose(max_state.hidden, sum_state.hidden, atol=1e-4)
 
 
 @pytest.mark.parametrize("decoder_type", ["attention", "pooled"])
