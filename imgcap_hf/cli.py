@@ -7,7 +7,9 @@
 `{"image": PATH, "error": TEXT}` for a file that is not a usable image (missing, empty, not an image, truncated,
 a decompression bomb...), whose one-sentence error names the file. The other images are still captioned, and the exit
 status is then 1. A model folder that cannot be used (missing or mismatched files, pickle-only weights) stops the
-command before any image is read: one `error: ...` line on stderr and exit status 2.
+command before any image is read: one `error: ...` line on stderr and exit status 2. Bad arguments (a `--model` or
+`--dataset` path that does not exist, `--num_beams 0`, `--device cuda` without a usable GPU) are refused by the
+argument parser before anything is loaded: a usage line, one `error:` line, exit status 2.
 `evaluate` prints one JSON object with `bleu_1`..`bleu_4`, `cider`, `rouge_l` (and `meteor` where Java is available),
 `num_images` and `tokenizer`, the caption tokenizer the scores were computed with (`ptb-java` or `python`).
 """
@@ -17,13 +19,72 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from .data import load_caption_dataset
-from .loading import load_captioner
+from .loading import load_captioner, local_model_folder
 from .models.imgcap.image_processing_imgcap import load_image
 from .scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
+
+DATASET_NAMES = ("shapes", "flickr30k")
+
+
+# Argument types: each turns a bad value into argparse's one-line usage error (exit status 2) before anything loads.
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def model_name_or_path(text: str) -> str:
+    """A model folder or Hub id; a path that does not exist is refused here, before any Hub request."""
+    try:
+        local_model_folder(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def dataset_name_or_path(text: str) -> str:
+    if text not in DATASET_NAMES and not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(
+            f"no such folder: {text} (the dataset is 'shapes', 'flickr30k' or a folder of captioned images)"
+        )
+    return text
+
+
+def existing_file(text: str) -> str:
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
+def usable_device(text: str) -> str:
+    """A torch device this PyTorch build can use: `cpu`, or `cuda`/`cuda:N`/`mps`/... where such a device exists."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cpu":
+        return text
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = backend is not None and backend.is_available()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if count == 0:
+        raise argparse.ArgumentTypeError(
+            f"{text}: this PyTorch ({torch.__version__}) has no usable {device.type} device; use --device cpu"
+        )
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text}: there are only {count} {device.type} device(s)")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_common(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--model", required=True, help="Folder written by train.py, or a Hub id.")
-        command.add_argument("--num_beams", type=int, default=None, help="Default: the model's generation config.")
-        command.add_argument("--max_new_tokens", type=int, default=None)
-        command.add_argument("--batch_size", type=int, default=16)
-        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        command.add_argument(
+            "--model", required=True, type=model_name_or_path, help="Folder written by train.py, or a Hub id."
+        )
+        command.add_argument(
+            "--num_beams", type=positive_int, default=None, help="Default: the model's generation config."
+        )
+        command.add_argument("--max_new_tokens", type=positive_int, default=None)
+        command.add_argument("--batch_size", type=positive_int, default=16)
+        command.add_argument("--device", type=usable_device, default="cuda" if torch.cuda.is_available() else "cpu")
 
     caption = commands.add_parser("caption", help="Caption image files.")
     add_common(caption)
@@ -43,10 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="coco-caption metrics on a dataset split.")
     add_common(evaluate)
-    evaluate.add_argument("--dataset", required=True, help="'shapes', 'flickr30k', or a Kaggle/imagefolder path.")
+    evaluate.add_argument(
+        "--dataset",
+        required=True,
+        type=dataset_name_or_path,
+        help="'shapes', 'flickr30k', or a Kaggle/imagefolder path.",
+    )
     evaluate.add_argument("--split", choices=["train", "validation", "test"], default="test")
-    evaluate.add_argument("--karpathy_json", default=None)
-    evaluate.add_argument("--max_samples", type=int, default=None, help="Score only the first N images.")
+    evaluate.add_argument("--karpathy_json", type=existing_file, default=None)
+    evaluate.add_argument("--max_samples", type=positive_int, default=None, help="Score only the first N images.")
     evaluate.add_argument(
         "--caption_tokenizer",
         choices=CAPTION_TOKENIZERS,

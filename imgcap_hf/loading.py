@@ -9,6 +9,10 @@ without being opened.
 
 The CLI and the app's `load_captioners` load through `load_captioner`; the captioning pipeline, which gets its model
 and processor from transformers, checks them with `check_processor_matches_model`.
+
+A name is a local folder or a Hub id (`local_model_folder` decides). A mistyped local path must not be sent to the
+Hub, where it costs several network retries and ends in a message about the Hub; so a name that can only be meant as
+a path and does not exist fails at once with "no such folder".
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 from .models.imgcap.configuration_imgcap import ImgCapConfig
@@ -47,9 +53,11 @@ def load_captioner(
         ValueError: one sentence naming the folder and what is wrong with it.
     """
     label = repr(str(name_or_path))
-    local = Path(name_or_path).is_dir()
+    folder = local_model_folder(name_or_path)
+    local = folder is not None
     if local:
-        check_model_folder(name_or_path)
+        name_or_path = folder
+        check_model_folder(folder)
     try:
         config = ImgCapConfig.from_pretrained(name_or_path)
     except Exception as error:  # noqa: BLE001 - any failure here means the config cannot be used
@@ -67,6 +75,46 @@ def load_captioner(
         raise ValueError(f"Cannot load the processor from {label}: {_reason(error)}.") from error
     check_processor_matches_model(processor, model.config, label)
     return model.to(device).eval(), processor
+
+
+def local_model_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The local folder that `name_or_path` names, or None for a Hub id; no network is used.
+
+    The rule: a name is a local folder when a folder of that name exists (`~` expanded), or when it cannot be a Hub
+    id: it is an `os.PathLike`, starts with `.`, `~` or `/`, holds a backslash, more than one `/` or a trailing `/`,
+    is not `NAME` or `OWNER/NAME` of letters, digits, `-`, `_` and `.` (huggingface_hub's rule), or its `OWNER` part is
+    an existing local folder (`outputs/shapes-atention` beside the `outputs/` that `make demo` writes). Anything else
+    (`you/imgcap-shapes`) is a Hub id.
+
+    Raises:
+        ValueError: "no such folder: NAME" for a local folder that does not exist.
+    """
+    text = os.fspath(name_or_path)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return folder
+    if not isinstance(name_or_path, os.PathLike) and not _is_path_spelling(text):
+        try:
+            validate_repo_id(text)
+        except HFValidationError:
+            pass
+        else:
+            return None  # a well-formed Hub id
+    if folder.exists():
+        raise ValueError(f"not a folder: {text}")
+    raise ValueError(f"no such folder: {text}")
+
+
+def _is_path_spelling(text: str) -> bool:
+    """Whether `text` is spelled as a file-system path rather than as a Hub id (see `local_model_folder`)."""
+    owner = text.split("/")[0] if text.count("/") == 1 else ""
+    return (
+        text.startswith((".", "~", "/"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+        or (bool(owner) and Path(owner).is_dir())
+    )
 
 
 def check_model_folder(path: str | os.PathLike) -> None:
@@ -163,4 +211,5 @@ __all__ = [
     "check_processor_matches_model",
     "check_weight_shapes",
     "load_captioner",
+    "local_model_folder",
 ]
