@@ -1,6 +1,7 @@
 """Publish a model folder written by train.py on the Hugging Face Hub, with a model card made from the run's results.
 
-    python push_to_hub.py --model_dir outputs/shapes-attention --repo_id you/imgcap-shapes --dry_run --output_dir stage
+    python push_to_hub.py --model_dir outputs/shapes-attention --repo_id you/imgcap-shapes \\
+        --dry_run --output_dir outputs/stage
     python push_to_hub.py --model_dir outputs/flickr30k-attention --repo_id you/imgcap-flickr30k --private
     python push_to_hub.py --model_dir outputs/flickr30k-attention --repo_id you/imgcap-flickr30k --space_id you/imgcap
 
@@ -179,9 +180,19 @@ def upload(args: argparse.Namespace, stage: Path) -> None:
 # ====================================================================================================================
 
 
+def existing_folder(text: str) -> Path:
+    """`--model_dir` is always local: a missing one is refused at once (it is never looked up on the Hub)."""
+    folder = Path(text).expanduser()
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{'not a folder' if folder.exists() else 'no such folder'}: {text}")
+    return folder
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", required=True, help="Output folder of a finished train.py run.")
+    parser.add_argument(
+        "--model_dir", required=True, type=existing_folder, help="Output folder of a finished train.py run."
+    )
     parser.add_argument("--repo_id", required=True, help="Model repository, USER/NAME.")
     parser.add_argument("--private", action="store_true", help="Create the repositories private.")
     parser.add_argument("--space_id", default=None, help="Also publish a Gradio Space serving the model, USER/NAME.")
@@ -192,15 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked before the login check, staging or any network use: a bad one is argparse's
+    usage line, one `error:` line and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.dry_run and not args.output_dir:
         parser.error("--dry_run needs --output_dir")
+    if args.output_dir is not None and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"argument --output_dir: not a folder: {args.output_dir}")
     for flag, repo in (("--repo_id", args.repo_id), ("--space_id", args.space_id)):
         if repo is not None and not is_repo_id(repo):
             parser.error(f"{flag} must look like USER/NAME, got {repo!r}")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     output_dir = Path(args.output_dir) if args.dry_run else None
     try:
         if not args.dry_run:

@@ -424,3 +424,25 @@ def test_a_refusal_from_the_hub_is_one_sentence(trained_run, monkeypatch, capsys
     assert push_to_hub.main(["--model_dir", str(trained_run), "--repo_id", REPO_ID]) == 1
     error = capsys.readouterr().err.strip()
     assert error == "error: The Hub refused the request: You cannot create repos in 'someone'."
+
+
+def test_a_missing_model_dir_is_a_usage_error_before_the_login_check(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(push_to_hub, "check_logged_in", lambda: pytest.fail("the login is checked after arguments"))
+    forbid_http(monkeypatch)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "a-file").write_text("")
+    for argv, message in (
+        (["--model_dir", "outputs/shapes-atention"], "argument --model_dir: no such folder: outputs/shapes-atention"),
+        (["--model_dir", "outputs/a-file"], "argument --model_dir: not a folder: outputs/a-file"),
+        (
+            ["--model_dir", "outputs", "--dry_run", "--output_dir", "outputs/a-file"],
+            "--output_dir: not a folder: outputs/a-file",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            push_to_hub.main([*argv, "--repo_id", REPO_ID])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "Traceback" not in error and error.strip().splitlines()[-1].endswith(message)
