@@ -87,22 +87,25 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path | None:
     (`you/imgcap-shapes`) is a Hub id.
 
     Raises:
-        ValueError: "no such folder: NAME" for a local folder that does not exist.
+        ValueError: "no such folder: NAME" for a local folder that does not exist ("not a folder: NAME" for a file).
     """
     text = os.fspath(name_or_path)
     folder = Path(text).expanduser()
     if folder.is_dir():
         return folder
-    if not isinstance(name_or_path, os.PathLike) and not _is_path_spelling(text):
-        try:
-            validate_repo_id(text)
-        except HFValidationError:
-            pass
-        else:
-            return None  # a well-formed Hub id
+    if not isinstance(name_or_path, os.PathLike) and not _is_path_spelling(text) and _is_hub_id(text):
+        return None
     if folder.exists():
         raise ValueError(f"not a folder: {text}")
     raise ValueError(f"no such folder: {text}")
+
+
+def _is_hub_id(text: str) -> bool:
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _is_path_spelling(text: str) -> bool:
