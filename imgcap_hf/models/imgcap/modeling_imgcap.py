@@ -626,7 +626,11 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         output_attentions = bool(output_attentions)
         if decoder_input_ids is None:
             if labels is None:
-                raise ValueError("Pass `decoder_input_ids` or `labels` (the captions) to the forward pass.")
+                raise ValueError(
+                    "Pass `decoder_input_ids` or `labels` (the captions) to the forward pass (Trainer's "
+                    "label_smoothing_factor takes the labels away: have the processor add them with "
+                    "return_decoder_input_ids=True)."
+                )
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         if teacher_forcing_ratio is None:
             teacher_forcing_ratio = self.config.teacher_forcing_ratio
