@@ -148,7 +148,7 @@ class ImgCapProcessor(ProcessorMixin):
                 and caption counts that differ.
         """
         if images is None and text is None and prefix is None:
-            raise ValueError("ImgCapProcessor needs `images`, `text`, `prefix` or images with one of them.")
+            raise ValueError("ImgCapProcessor needs `images`, `text` or both, or caption prompts in `prefix`.")
         if text is not None and prefix is not None:
             raise ValueError(
                 "Pass `text` (training captions) or `prefix` (caption prompts) to ImgCapProcessor, not both."
