@@ -70,7 +70,8 @@ class ImgCapOutput(ModelOutput):
     """Output of `ImgCapForConditionalGeneration.forward`.
 
     Args:
-        loss: mean cross-entropy over the label positions that are not -100 (when `labels` are given).
+        loss: mean cross-entropy over the label positions that are not -100 (when `labels` are given); with
+            `num_items_in_batch`, their summed cross-entropy divided by it.
         logits: `(batch, steps, vocab_size)` next-word scores.
         cache: the `ImgCapDecoderState` after the last step, to continue decoding from (when `use_cache`).
         cross_attentions: attention decoder with `output_attentions=True`: a one-element tuple (one attention layer)
@@ -614,8 +615,8 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
                 own prediction (scheduled sampling). Defaults to `config.teacher_forcing_ratio`.
             decoder_attention_mask: `(batch, steps)` or longer (then its last `steps` columns count): 0 marks padding,
                 which leaves the row's LSTM state unchanged, so left-padded prompts of different lengths continue
-                exactly as each would alone. Its logits are not meaningful. Right padding needs no mask: an LSTM never
-                looks ahead, so it cannot change the positions that count.
+                exactly as each would alone (logits at padding positions mean nothing). Right padding needs no mask:
+                an LSTM never looks ahead, so it cannot change the positions that count.
             image_indices: `(captions,)` for each caption row, the row of its image in `pixel_values` /
                 `encoder_outputs`. Lets one encoder pass serve all captions of an image (Flickr30k has five).
             num_items_in_batch: the number of label tokens (not -100) over all micro-batches of one optimizer step,
