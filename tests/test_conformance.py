@@ -205,13 +205,13 @@ def logged_training(trainer) -> list[tuple[float, float]]:
     return [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
-def test_gradient_accumulation_trains_as_one_big_batch(decoder_type, tmp_path):
+def test_gradient_accumulation_trains_as_one_big_batch(tmp_path):
     """Two micro-batches of 2 accumulated equal one batch of 4 (captions of different lengths): the same logged loss
-    and gradient norm, step after step, so clipping bites at the same point."""
+    and gradient norm, step after step, so clipping bites at the same point. (The loss code is the same for both
+    decoders.)"""
     runs = {}
     for accumulation, batch_size in ((1, 4), (2, 2)):
-        model, processor = build_tiny_captioner(decoder_type)
+        model, processor = build_tiny_captioner("attention")
         arguments = trainer_arguments(tmp_path, per_device_train_batch_size=batch_size,
                                       gradient_accumulation_steps=accumulation, max_grad_norm=0.5)  # fmt: skip
         trainer = Seq2SeqTrainer(model=model, args=arguments, train_dataset=CaptionedImages(CAPTIONS * 2),
