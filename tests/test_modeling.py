@@ -524,6 +524,15 @@ def test_left_padded_prompts_continue_exactly_as_each_prompt_alone(decoder_type)
         assert torch.equal(batched.sequences[row, -5:], alone.sequences[0, -5:])
         for batched_scores, alone_scores in zip(batched.scores, alone.scores):
             torch.testing.assert_close(batched_scores[row], alone_scores[0], atol=1e-5, rtol=1e-5)
+    # Beam search spreads each prompt's mask over its beams.
+    beams = dict(
+        num_beams=3, num_return_sequences=2, max_new_tokens=4, output_scores=True, return_dict_in_generate=True
+    )
+    batched = model.generate(pixel_values=images, **prompts, **beams)
+    for row, prefix in enumerate(prefixes):
+        alone = model.generate(pixel_values=images[row : row + 1], **processor(prefix=prefix, return_tensors="pt"),
+                               **beams)  # fmt: skip
+        torch.testing.assert_close(batched.sequences_scores[2 * row : 2 * row + 2], alone.sequences_scores)
 
 
 def test_a_prompt_holding_eos_is_refused_in_one_sentence():
