@@ -620,8 +620,10 @@ def _saved_activation_bytes(model, images, labels) -> int:
 def test_gradient_checkpointing_recomputes_the_backbone_with_the_same_gradients(how, tmp_path):
     model = tiny_model("attention", freeze_encoder=False).train()
     images, labels = random_images(batch_size=4, size=64), random_labels(batch_size=4)
+    statistics_before = {name: buffer.clone() for name, buffer in model.named_buffers()}  # BatchNorm's
     plain_bytes = _saved_activation_bytes(model, images, labels)
     plain_gradients = {name: p.grad.clone() for name, p in model.named_parameters()}
+    plain_statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.zero_grad(set_to_none=True)
     if how == "gradient_checkpointing_enable":
         model.gradient_checkpointing_enable()
@@ -633,12 +635,17 @@ def test_gradient_checkpointing_recomputes_the_backbone_with_the_same_gradients(
         Trainer(model=model, args=arguments, train_dataset=[{"pixel_values": images[0], "labels": labels[0]}]).train()
         model.zero_grad(set_to_none=True)
     assert model.is_activation_checkpointing and model.encoder.gradient_checkpointing
+    for name, buffer in model.named_buffers():
+        buffer.copy_(statistics_before[name])
     checkpointed_bytes = _saved_activation_bytes(model, images, labels)
     decoder_bytes = _saved_activation_bytes(tiny_model("attention").train(), images, labels)  # frozen backbone
     # The backbone keeps only its blocks' inputs (a quarter here); the decoder keeps what it kept.
     assert checkpointed_bytes - decoder_bytes < 0.4 * (plain_bytes - decoder_bytes), (checkpointed_bytes, plain_bytes)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.grad, plain_gradients[name], atol=1e-6, rtol=1e-5, msg=name)
+    # One update of BatchNorm's running statistics per step, as without checkpointing (the recomputation adds none).
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, plain_statistics[name], msg=name)
 
 
 def test_gradient_checkpointing_refuses_a_backbone_it_cannot_checkpoint():

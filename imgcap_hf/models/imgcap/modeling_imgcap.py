@@ -252,15 +252,33 @@ class ImgCapVisionEncoder(nn.Module):
         """`ResNetModel`'s last hidden state (its stem, then every residual block in order; its pooler is unused
         here), the stem and each block under activation checkpointing: their inner activations are recomputed in the
         backward pass instead of being kept, which is what lets a trained ResNet-50 fit large batches. transformers'
-        ResNet has no checkpointing of its own. The recomputation runs BatchNorm in training mode once more, which
-        updates its running statistics a second time with the same batch (the gradients are exactly those without
-        checkpointing)."""
-        # (batch, embedding_size, height / 4, width / 4)
-        hidden = self._gradient_checkpointing_func(self.backbone.embedder.__call__, pixel_values)
+        ResNet has no checkpointing of its own."""
+        hidden = self._checkpointed(self.backbone.embedder, pixel_values)  # (batch, embedding_size, height / 4, ...)
         for stage in self.backbone.encoder.stages:
             for block in stage.layers:
-                hidden = self._gradient_checkpointing_func(block.__call__, hidden)
+                hidden = self._checkpointed(block, hidden)
         return hidden  # (batch, channels, height / 32, width / 32)
+
+    def _checkpointed(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """`module(hidden)` under activation checkpointing. The backward pass calls the module again to recompute its
+        activations, and BatchNorm in training mode would then update its running statistics a second time with the
+        same batch: that second call puts them back as they were."""
+        calls = 0
+
+        def run(inputs: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return module(inputs)
+            statistics = [buffer.clone() for buffer in module.buffers()]
+            try:
+                return module(inputs)
+            finally:  # also when checkpointing stops the recomputation early, by raising, once it has what it needs
+                with torch.no_grad():
+                    for buffer, kept in zip(module.buffers(), statistics):
+                        buffer.copy_(kept)
+
+        return self._gradient_checkpointing_func(run, hidden)
 
 
 class ImgCapAttention(nn.Module):
