@@ -3,6 +3,7 @@
 import pytest
 import torch
 from transformers import AutoModel, ResNetConfig, ResNetForImageClassification, ResNetModel
+from transformers.modeling_outputs import BaseModelOutput
 
 from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
 from imgcap_hf.models.imgcap.modeling_imgcap import _lstm_cell
@@ -503,3 +504,160 @@ def test_save_and_load_round_trip(decoder_type, tmp_path):
             reloaded.generate(pixel_values=images, max_new_tokens=8, **kwargs),
             model.generate(pixel_values=images, max_new_tokens=8, **kwargs),
         )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# As transformers users use it: prompts, dtypes, a growing vocabulary, gradient checkpointing, bad calls
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_left_padded_prompts_continue_exactly_as_each_prompt_alone(decoder_type):
+    """Prompts of different lengths in one batch: padding must leave the LSTM state unchanged."""
+    from conftest import build_tiny_captioner
+
+    model, processor = build_tiny_captioner(decoder_type, seed=4)
+    images = random_images(batch_size=3)
+    prefixes = ["a man rides", "", "a dog"]
+    prompts = processor(prefix=prefixes, return_tensors="pt")
+    assert prompts["decoder_attention_mask"].tolist()[1] == [0, 0, 0, 1]  # "" is <sos> alone, left-padded
+    assert not (prompts["decoder_input_ids"] == processor.tokenizer.eos_token_id).any()
+    settings = dict(max_new_tokens=5, min_new_tokens=5, output_scores=True, return_dict_in_generate=True)
+    batched = model.generate(pixel_values=images, **prompts, **settings)
+    for row, prefix in enumerate(prefixes):
+        alone = model.generate(pixel_values=images[row : row + 1], **processor(prefix=prefix, return_tensors="pt"),
+                               **settings)  # fmt: skip
+        prompt_length = alone.sequences.shape[1] - 5
+        assert processor.decode(alone.sequences[0, :prompt_length], skip_special_tokens=True) == prefix
+        assert torch.equal(batched.sequences[row, -5:], alone.sequences[0, -5:])
+        for batched_scores, alone_scores in zip(batched.scores, alone.scores):
+            torch.testing.assert_close(batched_scores[row], alone_scores[0], atol=1e-5, rtol=1e-5)
+    # Beam search spreads each prompt's mask over its beams.
+    beams = dict(
+        num_beams=3, num_return_sequences=2, max_new_tokens=4, output_scores=True, return_dict_in_generate=True
+    )
+    batched = model.generate(pixel_values=images, **prompts, **beams)
+    for row, prefix in enumerate(prefixes):
+        alone = model.generate(pixel_values=images[row : row + 1], **processor(prefix=prefix, return_tensors="pt"),
+                               **beams)  # fmt: skip
+        torch.testing.assert_close(batched.sequences_scores[2 * row : 2 * row + 2], alone.sequences_scores)
+
+
+def test_a_prompt_holding_eos_is_refused_in_one_sentence():
+    from conftest import build_tiny_captioner
+
+    model, processor = build_tiny_captioner("attention")
+    with_eos = processor.tokenizer(["a dog"], return_tensors="pt")["input_ids"]  # <sos> a dog <eos>
+    with pytest.raises(ValueError, match=r"row 0 holds <eos> \(id 3\).*prefix="):
+        model.generate(pixel_values=random_images(batch_size=1), decoder_input_ids=with_eos, max_new_tokens=3)
+
+
+def test_generate_without_an_image_says_so():
+    with pytest.raises(ValueError, match=r"^generate\(\) needs an image: pass `pixel_values`"):
+        tiny_model("pooled").generate(max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"must be a \(batch, 3, height, width\) tensor, got shape \(3, 32, 32\)"):
+        tiny_model("pooled").generate(pixel_values=random_images(batch_size=1)[0], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_a_half_precision_model_reads_the_processors_float32_inputs(decoder_type, tmp_path):
+    tiny_model(decoder_type).save_pretrained(tmp_path)
+    model = ImgCapForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    images = random_images()  # float32, as the processor gives them
+    output = model(pixel_values=images, labels=random_labels())
+    assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.loss)
+    float32_features = BaseModelOutput(last_hidden_state=model.get_encoder()(images).last_hidden_state.float())
+    assert model.generate(encoder_outputs=float32_features, max_new_tokens=4).shape[0] == 3
+    assert model.generate(pixel_values=images, num_beams=2, max_new_tokens=4).shape[0] == 3
+
+
+@pytest.mark.parametrize("decoder_type", DECODER_TYPES)
+def test_resize_token_embeddings_grows_the_vocabulary_and_round_trips(decoder_type, tmp_path):
+    from conftest import build_tiny_captioner
+
+    model, processor = build_tiny_captioner(decoder_type)
+    old_size = model.config.vocab_size
+    assert model.get_input_embeddings() is model.decoder.embedding
+    assert model.get_output_embeddings() is model.decoder.output
+    images = random_images(batch_size=2)
+    caption = processor(text=["a zebra runs ."] * 2, return_tensors="pt")["labels"]  # "zebra" spelled out
+    with torch.no_grad():  # a graph kept alive across the resize would expect the old weight shape
+        before = model(pixel_values=images, labels=caption).logits
+
+    assert processor.tokenizer.add_tokens(["zebra"]) == 1
+    model.resize_token_embeddings(len(processor.tokenizer))
+    assert model.config.vocab_size == old_size + 1
+    assert (
+        model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == old_size + 1
+    )
+    # The known words' scores are unchanged; the new word's row is drawn around the old rows' mean, not left at 0.
+    with torch.no_grad():
+        after = model(pixel_values=images, labels=caption).logits  # the same ids: "zebra" is still spelled
+    torch.testing.assert_close(after[..., :old_size], before)
+    new_row = model.get_input_embeddings().weight[-1]
+    old_rows = model.get_input_embeddings().weight[:-1]
+    assert new_row.abs().sum() > 0 and new_row.norm() < 3 * old_rows.norm(dim=1).max()
+    zebra = processor(text=["a zebra runs ."], return_tensors="pt")["labels"]
+    assert zebra.max() == old_size  # now one token, the new id
+    model(pixel_values=images[:1], labels=zebra).loss.backward()
+    assert model.get_input_embeddings().weight.grad[old_size].abs().sum() > 0
+
+    model.save_pretrained(tmp_path)
+    reloaded = ImgCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.config.vocab_size == old_size + 1
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=images, labels=caption).logits, after)
+
+
+def _saved_activation_bytes(model, images, labels) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one training forward."""
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model(pixel_values=images, labels=labels).loss
+    loss.backward()
+    return sum(saved)
+
+
+@pytest.mark.parametrize("how", ["gradient_checkpointing_enable", "Trainer argument"])
+def test_gradient_checkpointing_recomputes_the_backbone_with_the_same_gradients(how, tmp_path):
+    model = tiny_model("attention", freeze_encoder=False).train()
+    images, labels = random_images(batch_size=4, size=64), random_labels(batch_size=4)
+    statistics_before = {name: buffer.clone() for name, buffer in model.named_buffers()}  # BatchNorm's
+    plain_bytes = _saved_activation_bytes(model, images, labels)
+    plain_gradients = {name: p.grad.clone() for name, p in model.named_parameters()}
+    plain_statistics = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.zero_grad(set_to_none=True)
+    if how == "gradient_checkpointing_enable":
+        model.gradient_checkpointing_enable()
+    else:  # the Trainer enables it when training starts; a learning rate of 0 leaves the weights as they are
+        from transformers import Trainer, TrainingArguments
+
+        arguments = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True, max_steps=1,
+                                      learning_rate=0.0, report_to=[], use_cpu=True, save_strategy="no")  # fmt: skip
+        Trainer(model=model, args=arguments, train_dataset=[{"pixel_values": images[0], "labels": labels[0]}]).train()
+        model.zero_grad(set_to_none=True)
+    assert model.is_activation_checkpointing and model.encoder.gradient_checkpointing
+    for name, buffer in model.named_buffers():
+        buffer.copy_(statistics_before[name])
+    checkpointed_bytes = _saved_activation_bytes(model, images, labels)
+    decoder_bytes = _saved_activation_bytes(tiny_model("attention").train(), images, labels)  # frozen backbone
+    # The backbone keeps only its blocks' inputs (a quarter here); the decoder keeps what it kept.
+    assert checkpointed_bytes - decoder_bytes < 0.4 * (plain_bytes - decoder_bytes), (checkpointed_bytes, plain_bytes)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, plain_gradients[name], atol=1e-6, rtol=1e-5, msg=name)
+    # One update of BatchNorm's running statistics per step, as without checkpointing (the recomputation adds none).
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, plain_statistics[name], msg=name)
+
+
+def test_gradient_checkpointing_refuses_a_backbone_it_cannot_checkpoint():
+    convnext = {"model_type": "convnext", "depths": [1, 1], "hidden_sizes": [8, 16], "num_stages": 2}
+    model = tiny_model("attention", vision_config=convnext, freeze_encoder=False)
+    with pytest.raises(ValueError, match="ConvNextModel does not"):
+        model.gradient_checkpointing_enable()

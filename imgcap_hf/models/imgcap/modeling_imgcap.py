@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel, ResNetModel
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput
@@ -56,13 +56,22 @@ class ImgCapDecoderState:
         self.hidden = self.hidden.index_select(1, beam_idx)
         self.cell = self.cell.index_select(1, beam_idx)
 
+    def where(self, advance: torch.Tensor, previous: "ImgCapDecoderState") -> "ImgCapDecoderState":
+        """This state for the rows where `advance` (`(batch,)` bool) is True, `previous` for the others: a padding
+        position of a prompt leaves its row's LSTM state as it was."""
+        advance = advance.view(1, -1, 1)  # (1, batch, 1): broadcasts over layers and hidden units
+        hidden = torch.where(advance, self.hidden, previous.hidden)
+        cell = torch.where(advance, self.cell, previous.cell)
+        return ImgCapDecoderState(hidden, cell, self.regions, self.attention_keys)
+
 
 @dataclass
 class ImgCapOutput(ModelOutput):
     """Output of `ImgCapForConditionalGeneration.forward`.
 
     Args:
-        loss: mean cross-entropy over the label positions that are not -100 (when `labels` are given).
+        loss: mean cross-entropy over the label positions that are not -100 (when `labels` are given); with
+            `num_items_in_batch`, their summed cross-entropy divided by it.
         logits: `(batch, steps, vocab_size)` next-word scores.
         cache: the `ImgCapDecoderState` after the last step, to continue decoding from (when `use_cache`).
         cross_attentions: attention decoder with `output_attentions=True`: a one-element tuple (one attention layer)
@@ -176,6 +185,18 @@ class _AttentionStepProducts:
     output: Callable[[torch.Tensor], torch.Tensor]
 
 
+def _real_positions(decoder_attention_mask: torch.Tensor | None, num_steps: int) -> torch.Tensor | None:
+    """`(batch, steps)` True where `decoder_attention_mask` marks a real word, or None when every position is real.
+
+    `generate()` passes the mask of the whole sequence so far while feeding only the newest word: its last `num_steps`
+    columns are the ones for these inputs.
+    """
+    if decoder_attention_mask is None:
+        return None
+    real = decoder_attention_mask[:, -num_steps:].bool()  # (batch, steps)
+    return None if bool(real.all()) else real
+
+
 def _backbone_init_kwargs(vision_config) -> dict:
     """ViT-style models add a pooling head we never use (its weights would get no gradient): ask them not to."""
     model_class = MODEL_MAPPING.get(type(vision_config), None)
@@ -192,6 +213,9 @@ class ImgCapVisionEncoder(nn.Module):
     """
 
     main_input_name = "pixel_values"
+    # Set by `gradient_checkpointing_enable()` (with `_gradient_checkpointing_func`), through the model's
+    # `_set_gradient_checkpointing`.
+    gradient_checkpointing = False
 
     def __init__(self, config: ImgCapConfig):
         super().__init__()
@@ -199,12 +223,23 @@ class ImgCapVisionEncoder(nn.Module):
         self.backbone = AutoModel.from_config(config.vision_config, **_backbone_init_kwargs(config.vision_config))
 
     def forward(self, pixel_values: torch.FloatTensor, return_dict: bool = True, **kwargs) -> BaseModelOutput:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            got = (
+                f"shape {tuple(pixel_values.shape)}" if isinstance(pixel_values, torch.Tensor) else repr(pixel_values)
+            )
+            raise ValueError(
+                f"ImgCap needs images: `pixel_values` must be a (batch, 3, height, width) tensor, got {got}."
+            )
+        # The processor gives float32; a model loaded in bfloat16 or float16 reads its images in its own precision.
         # Channels-last images let oneDNN (CPU) and cuDNN (GPU) run the convolutions in their fastest layout, with the
         # same features up to float rounding.
-        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)  # (batch, 3, height, width)
+        pixel_values = pixel_values.to(dtype=self.backbone.dtype).contiguous(memory_format=torch.channels_last)
         # A frozen backbone needs no autograd graph: that saves its activations' memory during training.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
-            features = self.backbone(pixel_values=pixel_values).last_hidden_state
+            if self.gradient_checkpointing and isinstance(self.backbone, ResNetModel) and torch.is_grad_enabled():
+                features = self._checkpointed_resnet_features(pixel_values)
+            else:
+                features = self.backbone(pixel_values=pixel_values).last_hidden_state
         if features.dim() == 4:  # (batch, channels, height, width)
             grid = self.config.region_grid_size
             features = F.adaptive_avg_pool2d(features, (grid, grid))
@@ -212,6 +247,38 @@ class ImgCapVisionEncoder(nn.Module):
         else:  # (batch, special + patches, hidden)
             regions = features[:, -self.config.num_regions :]  # (batch, patches, hidden)
         return BaseModelOutput(last_hidden_state=regions)
+
+    def _checkpointed_resnet_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`ResNetModel`'s last hidden state (its stem, then every residual block in order; its pooler is unused
+        here), the stem and each block under activation checkpointing: their inner activations are recomputed in the
+        backward pass instead of being kept, which is what lets a trained ResNet-50 fit large batches. transformers'
+        ResNet has no checkpointing of its own."""
+        hidden = self._checkpointed(self.backbone.embedder, pixel_values)  # (batch, embedding_size, height / 4, ...)
+        for stage in self.backbone.encoder.stages:
+            for block in stage.layers:
+                hidden = self._checkpointed(block, hidden)
+        return hidden  # (batch, channels, height / 32, width / 32)
+
+    def _checkpointed(self, module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """`module(hidden)` under activation checkpointing. The backward pass calls the module again to recompute its
+        activations, and BatchNorm in training mode would then update its running statistics a second time with the
+        same batch: that second call puts them back as they were."""
+        calls = 0
+
+        def run(inputs: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return module(inputs)
+            statistics = [buffer.clone() for buffer in module.buffers()]
+            try:
+                return module(inputs)
+            finally:  # also when checkpointing stops the recomputation early, by raising, once it has what it needs
+                with torch.no_grad():
+                    for buffer, kept in zip(module.buffers(), statistics):
+                        buffer.copy_(kept)
+
+        return self._gradient_checkpointing_func(run, hidden)
 
 
 class ImgCapAttention(nn.Module):
@@ -383,6 +450,11 @@ class ImgCapPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     _no_split_modules = ["ImgCapAttentionDecoder", "ImgCapPooledDecoder"]
+    # The backbone's activations are what fills memory when it is trained (see `ImgCapVisionEncoder`).
+    supports_gradient_checkpointing = True
+    # `forward` sums the loss and divides it by `num_items_in_batch` when Trainer passes it: under gradient
+    # accumulation every label token then weighs the same, so the loss and the gradient equal those of one big batch.
+    accepts_loss_kwargs = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """PyTorch's own defaults for the decoder layers, as the published model used.
@@ -433,6 +505,38 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
 
     def get_encoder(self, modality: str | None = None) -> ImgCapVisionEncoder:
         return self.encoder
+
+    def _set_gradient_checkpointing(self, enable: bool = True, **kwargs) -> None:
+        """What `gradient_checkpointing_enable()` (and `TrainingArguments(gradient_checkpointing=True)`) calls.
+
+        The backbone is checkpointed block by block: a ResNet by `ImgCapVisionEncoder`, any other backbone by its own
+        transformers implementation where it has one (ViT does). The LSTM decoder keeps its activations: they are
+        small next to a trained backbone's. A frozen backbone runs without gradients and needs no checkpointing.
+        """
+        backbone = self.encoder.backbone
+        if enable and not (isinstance(backbone, ResNetModel) or backbone.supports_gradient_checkpointing):
+            raise ValueError(
+                f"Gradient checkpointing works with ResNet backbones and those whose transformers model supports it; "
+                f"{type(backbone).__name__} does not."
+            )
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Word embeddings: growing the vocabulary with `resize_token_embeddings`
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embedding
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embedding = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The output layer `(hidden_size -> vocab_size)`; it is not tied to the input embeddings."""
+        return self.decoder.output
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.decoder.output = new_embeddings
 
     def freeze_encoder(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) the backbone: no gradients, BatchNorm statistics fixed, recorded in the config."""
@@ -514,6 +618,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
         image_indices: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> ImgCapOutput | tuple:
         r"""
@@ -526,16 +631,25 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
             cache: decoder state from a previous call; the image is then not looked at again.
             teacher_forcing_ratio: training only; probability of feeding the true previous word rather than the model's
                 own prediction (scheduled sampling). Defaults to `config.teacher_forcing_ratio`.
-            decoder_attention_mask: accepted for API compatibility and unused: padding sits at the end of a caption
-                and an LSTM never looks ahead, so it cannot influence the positions that count.
+            decoder_attention_mask: `(batch, steps)` or longer (then its last `steps` columns count): 0 marks padding,
+                which leaves the row's LSTM state unchanged, so left-padded prompts of different lengths continue
+                exactly as each would alone (logits at padding positions mean nothing). Right padding needs no mask:
+                an LSTM never looks ahead, so it cannot change the positions that count.
             image_indices: `(captions,)` for each caption row, the row of its image in `pixel_values` /
                 `encoder_outputs`. Lets one encoder pass serve all captions of an image (Flickr30k has five).
+            num_items_in_batch: the number of label tokens (not -100) over all micro-batches of one optimizer step,
+                which Trainer passes under gradient accumulation: the loss is then the sum over this batch's tokens
+                divided by it, and the micro-batches' losses add up to the mean over all their tokens.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = bool(output_attentions)
         if decoder_input_ids is None:
             if labels is None:
-                raise ValueError("Pass `decoder_input_ids` or `labels` (the captions) to the forward pass.")
+                raise ValueError(
+                    "Pass `decoder_input_ids` or `labels` (the captions) to the forward pass (Trainer's "
+                    "label_smoothing_factor takes the labels away: have the processor add them with "
+                    "return_decoder_input_ids=True)."
+                )
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         if teacher_forcing_ratio is None:
             teacher_forcing_ratio = self.config.teacher_forcing_ratio
@@ -545,25 +659,32 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
                 if pixel_values is None:
                     raise ValueError("Pass `pixel_values` or `encoder_outputs` (the image) to the forward pass.")
                 encoder_outputs = self.encoder(pixel_values)
-            regions = encoder_outputs[0]  # (images, regions, feature_size)
+            regions = encoder_outputs[0].to(self.dtype)  # (images, regions, feature_size), e.g. a float32 cache
             state = self._initial_state(regions, image_indices)
         else:
             regions = None
             state = cache
 
         scheduled_sampling = self.training and teacher_forcing_ratio < 1.0
-        if self.config.decoder_type == "pooled" and not scheduled_sampling:
+        real_positions = _real_positions(decoder_attention_mask, decoder_input_ids.shape[1])
+        if self.config.decoder_type == "pooled" and not scheduled_sampling and real_positions is None:
             # Every input word is known: one fused cuDNN/oneDNN LSTM call over the whole caption.
             logits, top_hidden, state = self.decoder.run(decoder_input_ids, state)
             attention_weights = None
         else:
             logits, attention_weights, top_hidden, state = self._decode_step_by_step(
-                decoder_input_ids, state, teacher_forcing_ratio if scheduled_sampling else 1.0
+                decoder_input_ids, state, teacher_forcing_ratio if scheduled_sampling else 1.0, real_positions
             )
 
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            else:
+                summed = F.cross_entropy(
+                    logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+                )
+                loss = summed / num_items_in_batch
 
         output = ImgCapOutput(
             loss=loss,
@@ -578,11 +699,16 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
     def _decode_step_by_step(
-        self, decoder_input_ids: torch.LongTensor, state: ImgCapDecoderState, teacher_forcing_ratio: float
+        self,
+        decoder_input_ids: torch.LongTensor,
+        state: ImgCapDecoderState,
+        teacher_forcing_ratio: float,
+        real_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ImgCapDecoderState]:
         """Run the decoder one word at a time (the attention decoder always; the pooled decoder under scheduled
-        sampling). With `teacher_forcing_ratio < 1`, each caption's input at step t > 0 is, with probability
-        `1 - ratio`, the model's own greedy prediction from step t - 1 instead of the true word."""
+        sampling or with padding to skip). With `teacher_forcing_ratio < 1`, each caption's input at step t > 0 is,
+        with probability `1 - ratio`, the model's own greedy prediction from step t - 1 instead of the true word.
+        `real_positions` `(batch, steps)` is False at padding, where a row keeps its state."""
         batch_size, num_steps = decoder_input_ids.shape
         if teacher_forcing_ratio < 1.0:
             use_truth = torch.rand(batch_size, num_steps, device=decoder_input_ids.device) < teacher_forcing_ratio
@@ -595,7 +721,8 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
             token_ids = decoder_input_ids[:, t]  # (batch,)
             if previous_prediction is not None and teacher_forcing_ratio < 1.0:
                 token_ids = torch.where(use_truth[:, t], token_ids, previous_prediction)
-            logits, attention_weights, top_hidden, state = self.decoder.step(token_ids, state, products)
+            logits, attention_weights, top_hidden, new_state = self.decoder.step(token_ids, state, products)
+            state = new_state if real_positions is None else new_state.where(real_positions[:, t], state)
             previous_prediction = logits.detach().argmax(dim=-1)
             step_logits.append(logits)
             step_attention_weights.append(attention_weights)
@@ -629,6 +756,47 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
             )  # (images * expand_size,)
         model_kwargs["encoder_outputs"] = encoder_outputs
         return input_ids, model_kwargs
+
+    def generate(
+        self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None, **kwargs
+    ):
+        """`GenerationMixin.generate`, after checking what only a captioner can get wrong: that there is an image,
+        and that a caption prefix (`decoder_input_ids`, left-padded with `decoder_attention_mask` when prefixes differ
+        in length) does not already hold `<eos>`, which `tokenizer(prefix)` appends. `ImgCapProcessor(images=...,
+        prefix=...)` builds such prompts."""
+        if inputs is None and kwargs.get("pixel_values") is None and kwargs.get("encoder_outputs") is None:
+            raise ValueError(
+                "generate() needs an image: pass `pixel_values` (from the processor) or `encoder_outputs`."
+            )
+        prompt = kwargs.get("decoder_input_ids")
+        if prompt is not None:
+            ends = prompt == self.config.eos_token_id  # (batch, prompt_length)
+            if kwargs.get("decoder_attention_mask") is not None:
+                ends &= kwargs["decoder_attention_mask"].bool()
+            if bool(ends.any()):
+                row = int(ends.any(dim=1).nonzero()[0])
+                raise ValueError(
+                    f"decoder_input_ids row {row} holds <eos> (id {self.config.eos_token_id}), which would end the "
+                    "caption inside its prefix: build prompts with processor(images=..., prefix=...), or drop the "
+                    "last token of tokenizer(prefix)."
+                )
+        return super().generate(inputs, generation_config, **kwargs)
+
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs):
+        """transformers' merge of the saved `generation_config.json`, a passed `generation_config` and keyword
+        arguments, except that a length the caller asks for wins over a saved length of the other kind: transformers
+        lets a saved `max_new_tokens` override the caller's `max_length` (Seq2SeqTrainer's `generation_max_length`),
+        and a saved `min_new_tokens` the caller's `min_length`."""
+        merged, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        # The caller's most direct setting decides: keyword arguments, else the `generation_config` they pass.
+        asked_in = [kwargs, generation_config.to_dict() if generation_config is not None else {}]
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            source = next(
+                (given for given in asked_in if given.get(total) is not None or given.get(new) is not None), {}
+            )
+            if source.get(total) is not None and source.get(new) is None:
+                setattr(merged, new, None)
+        return merged, model_kwargs
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

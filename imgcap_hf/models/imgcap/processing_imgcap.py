@@ -56,7 +56,12 @@ class ImgCapProcessor(ProcessorMixin):
       -100 (ignored by the loss). The model builds its decoder inputs by shifting the labels right: it prepends
       `<sos>` and turns -100 into `<pad>`, giving `<sos> w1 ... wn` aligned with the targets `w1 ... wn <eos>`, so
       each position is trained to predict the next word. No `decoder_input_ids` or attention mask is returned: the
-      labels alone determine them, and an LSTM reads right-padded sequences without a mask.
+      labels alone determine them, and an LSTM reads right-padded sequences without a mask. With
+      `return_decoder_input_ids=True` the shifted ids come too, for Trainer's `label_smoothing_factor`, which takes
+      the labels away from the model's inputs.
+    - with `prefix` (caption prompts, instead of `text`): `decoder_input_ids` `<sos> w1 ... wk` without `<eos>`,
+      left-padded with `<pad>`, and `decoder_attention_mask` (0 at padding), for `generate()` to continue each
+      caption from its prefix; `""` gives just `<sos>`.
 
     Args:
         image_processor ([`ImgCapImageProcessor`]):
@@ -105,6 +110,8 @@ class ImgCapProcessor(ProcessorMixin):
         padding: bool | str = True,
         truncation: bool | None = None,
         max_length: int | None = None,
+        prefix: str | list[str] | None = None,
+        return_decoder_input_ids: bool = False,
         **image_kwargs,
     ) -> BatchFeature:
         """
@@ -127,25 +134,58 @@ class ImgCapProcessor(ProcessorMixin):
                 Maximum tokenized caption length counting `<sos>` and `<eos>`, as for the tokenizer; the labels are
                 one position shorter, since they drop `<sos>`. Defaults to the tokenizer's `model_max_length` when it
                 has one, else `DEFAULT_MAX_CAPTION_LENGTH` (40, train.py's `--max_caption_length` default).
+            prefix (`str` or `list[str]`, *optional*):
+                One caption beginning per image, for `generate()` to continue (see the class docstring). Not together
+                with `text`.
+            return_decoder_input_ids (`bool`, *optional*, defaults to `False`):
+                With `text`: also return the decoder inputs the model would build from the labels (`<sos> w1 ... wn`,
+                `<pad>` where the labels are -100).
             image_kwargs:
                 Passed to the image processor (e.g. `crop_size`).
 
         Raises:
-            ValueError: neither images nor text, text that is not strings, or image and caption counts that differ.
+            ValueError: neither images nor text nor prefix, both text and prefix, text that is not strings, or image
+                and caption counts that differ.
         """
-        if images is None and text is None:
-            raise ValueError("ImgCapProcessor needs `images`, `text` or both.")
+        if images is None and text is None and prefix is None:
+            raise ValueError("ImgCapProcessor needs `images`, `text` or both, or caption prompts in `prefix`.")
+        if text is not None and prefix is not None:
+            raise ValueError(
+                "Pass `text` (training captions) or `prefix` (caption prompts) to ImgCapProcessor, not both."
+            )
         data = {}
         if images is not None:
             data.update(self.image_processor(images, **image_kwargs))
         if text is not None:
             data["labels"] = self._caption_labels(text, padding, truncation, max_length)
-        if images is not None and text is not None and len(data["pixel_values"]) != len(data["labels"]):
+            if return_decoder_input_ids:
+                data["decoder_input_ids"] = [
+                    [self.tokenizer.bos_token_id]
+                    + [self.tokenizer.pad_token_id if token == IGNORE_INDEX else token for token in labels[:-1]]
+                    for labels in data["labels"]
+                ]
+        if prefix is not None:
+            data.update(self._prompts(prefix))
+        captions = data.get("labels", data.get("decoder_input_ids"))
+        if images is not None and captions is not None and len(data["pixel_values"]) != len(captions):
             raise ValueError(
-                f"Got {len(data['pixel_values'])} images but {len(data['labels'])} captions: "
-                "pass one caption per image."
+                f"Got {len(data['pixel_values'])} images but {len(captions)} captions or prefixes: pass one per image."
             )
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _prompts(self, prefix: str | list[str]) -> dict[str, list[list[int]]]:
+        """`<sos>` and each prefix's words (never `<eos>`), left-padded to the longest, with the mask that tells the
+        model which positions are padding."""
+        prefixes = [prefix] if isinstance(prefix, str) else prefix
+        if not isinstance(prefixes, (list, tuple)) or not all(isinstance(item, str) for item in prefixes):
+            raise ValueError(f"`prefix` must be a string or a list of strings, got {type(prefix).__name__}.")
+        words = self.tokenizer(list(prefixes), add_special_tokens=False)["input_ids"] if prefixes else []
+        prompts = [[self.tokenizer.bos_token_id, *ids] for ids in words]
+        longest = max((len(ids) for ids in prompts), default=0)
+        return {
+            "decoder_input_ids": [[self.tokenizer.pad_token_id] * (longest - len(ids)) + ids for ids in prompts],
+            "decoder_attention_mask": [[0] * (longest - len(ids)) + [1] * len(ids) for ids in prompts],
+        }
 
     def _caption_labels(
         self, text: str | list[str], padding: bool | str, truncation: bool | None, max_length: int | None
