@@ -26,7 +26,7 @@ from transformers.generation import GenerateBeamEncoderDecoderOutput, GenerateEn
 
 import train
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor
-from imgcap_hf.models.imgcap.pipeline_imgcap import SHIPPED_PIPELINES, download_image_bytes
+from imgcap_hf.models.imgcap.pipeline_imgcap import SHIPPED_PIPELINES, caption_prompt_ids, download_image_bytes
 
 # The packages a Hub user needs for the remote code (and, with them, what these require).
 MODEL_STACK = ("torch", "transformers", "pillow", "numpy")
@@ -115,6 +115,15 @@ def test_image_text_to_text_continues_the_prefix_batched_as_alone(continuer, cap
     assert continuer(scenes()[1], num_beams=3) == [{"input_text": "", "generated_text": expected}]
     continuation = continuer(scenes()[1], text="a man rides", return_full_text=False)[0]["generated_text"]
     assert continuer(scenes()[1], text="a man rides")[0]["generated_text"] == "a man rides" + continuation
+
+
+def test_a_caption_prefix_is_sos_and_its_words_without_eos(continuer):
+    """The tokenizer ends a text with `<eos>`: inside a prompt it would tell the model the caption is over."""
+    tokenizer = continuer.processor.tokenizer
+    words = tokenizer("A man rides")["input_ids"]  # <sos> a man rides <eos>
+    assert words[0] == tokenizer.bos_token_id and words[-1] == tokenizer.eos_token_id
+    assert caption_prompt_ids(tokenizer, "A man rides") == words[:-1]
+    assert caption_prompt_ids(tokenizer, "") == caption_prompt_ids(tokenizer, "  ") == [tokenizer.bos_token_id]
 
 
 def test_image_text_to_text_refuses_what_a_captioner_cannot_do(continuer):
@@ -221,8 +230,9 @@ def png_bytes(picture: Image.Image) -> bytes:
 
 
 class ImageServer(http.server.BaseHTTPRequestHandler):
-    """/scene.png: a picture; /slow.png: answers after 2 s; /huge.png: declares 50 MB; /endless.png: streams bytes
-    without a length; /redirect.png: to an ftp:// URL; anything else: 404."""
+    """/scene.png: a picture; /slow.png: answers after 2 s; /drip.png: sends a byte every 0.1 s for 2 s;
+    /huge.png: declares 50 MB; /endless.png: streams bytes without a length; /redirect.png: to an ftp:// URL;
+    anything else: 404."""
 
     picture = png_bytes(scenes()[2])
 
@@ -232,6 +242,13 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
         elif self.path == "/slow.png":
             time.sleep(2)
             self.answer(200, {"Content-Length": str(len(self.picture))}, self.picture)
+        elif self.path == "/drip.png":
+            self.answer(200, {}, b"")
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for _ in range(20):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.1)
         elif self.path == "/huge.png":
             self.answer(200, {"Content-Length": str(50 * 2**20)}, self.picture)
         elif self.path == "/endless.png":
@@ -283,6 +300,10 @@ def test_image_urls_have_a_time_limit_and_a_size_limit(captioner, continuer, ima
     started = time.monotonic()
     with pytest.raises(ValueError, match=r"slow\.png: no complete answer within 0\.5 s \(timeout\)"):
         captioner(f"{image_server}/slow.png", timeout=0.5)
+    assert time.monotonic() - started < 1.8
+    started = time.monotonic()  # every read is quick, the whole answer is not
+    with pytest.raises(ValueError, match=r"drip\.png: no complete answer within 0\.5 s \(timeout\)"):
+        continuer(f"{image_server}/drip.png", text="", timeout=0.5)
     assert time.monotonic() - started < 1.8
     with pytest.raises(ValueError, match=r"huge\.png: it is 52,428,800 bytes, over the limit of 10,485,760"):
         download_image_bytes(f"{image_server}/huge.png")

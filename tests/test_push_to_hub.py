@@ -172,6 +172,16 @@ def test_model_card_carries_the_runs_real_results(trained_run, dry_run):
     assert "only seen synthetic pictures of coloured shapes" in body
 
 
+def test_a_staged_repo_without_its_pipeline_code_is_refused(dry_run, tmp_path):
+    """config.json names the shipped pipelines (`custom_pipelines`): their file must be in the repository."""
+    folder = tmp_path / "model"
+    shutil.copytree(dry_run / "model", folder)
+    publishing.verify_model_repo(folder)
+    (folder / "pipeline_imgcap.py").unlink()
+    with pytest.raises(publishing.PublishError, match=r"custom_pipelines is missing \(pipeline_imgcap\.py\)"):
+        publishing.verify_model_repo(folder)
+
+
 def python_blocks(markdown: str) -> list[str]:
     return [block.split("\n", 1)[1] for block in markdown.split("```")[1::2] if block.startswith("python\n")]
 

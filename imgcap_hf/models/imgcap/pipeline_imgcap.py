@@ -94,7 +94,8 @@ def download_image_bytes(
                 raise ValueError(f"Cannot download image {url}: it is {int(declared):,} bytes, over the limit of "
                                  f"{max_bytes:,} (max_download_bytes).")  # fmt: skip
             chunks, size = [], 0
-            while chunk := response.read(min(_DOWNLOAD_CHUNK_BYTES, max_bytes + 1 - size)):
+            # read1: what has arrived, so that a server sending a byte at a time still meets the deadline
+            while chunk := response.read1(min(_DOWNLOAD_CHUNK_BYTES, max_bytes + 1 - size)):
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > max_bytes:
