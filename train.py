@@ -457,9 +457,13 @@ def open_train_log(path: Path, resumed_step: int | None):
 
 
 def save_model(model, processor, generation_kwargs: dict[str, Any], folder: Path) -> None:
-    """A folder that `from_pretrained` loads: the weights, the configs with the evaluation's generation settings, and
-    the processor."""
-    model.generation_config.update(**generation_kwargs)
+    """A folder that `from_pretrained` loads: the weights, the configs and the processor.
+
+    The saved generation defaults are greedy decoding up to the evaluation's caption length, so that no default
+    changes what a user asks for: a saved `num_beams=5` would turn `do_sample=True` into beam sampling and make
+    `TextStreamer` refuse. The evaluation's own settings (beam width, length penalty) are in all_results.json's
+    "generation" and the model card, which pass them explicitly."""
+    model.generation_config.update(num_beams=1, do_sample=False, max_new_tokens=generation_kwargs["max_new_tokens"])
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 

@@ -28,9 +28,13 @@ from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardD
 from safetensors import safe_open
 
 from .models.imgcap.configuration_imgcap import canonical_decoder_type
+from .models.imgcap.pipeline_imgcap import DEFAULT_DOWNLOAD_TIMEOUT, DEFAULT_MAX_DOWNLOAD_BYTES
 from .pickles import is_pickle_based
 
 DEFAULT_LICENSE = "apache-2.0"
+# The Hub task of the card: transformers' own task that the shipped pipelines make work (`pipeline_imgcap.py`); the
+# model-index keeps "image-to-text", the task its captioning scores belong to.
+PIPELINE_TAG = "image-text-to-text"
 MODEL_CARD_TEMPLATE = "templates/model_card.md"  # package data of imgcap_hf
 NOT_LOGGED_IN = "Not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN."
 
@@ -215,9 +219,10 @@ def verify_model_repo(folder: Path) -> None:
     for path in folder.glob("*.json"):
         for auto_map in find_auto_maps(json.loads(path.read_text(encoding="utf-8"))):
             modules |= auto_map_modules(auto_map)
+    modules |= {spec["impl"].rsplit(".", 1)[0] for spec in config.get("custom_pipelines", {}).values()}
     missing = sorted(f"{module}.py" for module in modules if not (folder / f"{module}.py").is_file())
     if missing:
-        raise PublishError(f"The remote code named in auto_map is missing ({', '.join(missing)}).")
+        raise PublishError(f"The remote code named in auto_map or custom_pipelines is missing ({', '.join(missing)}).")
 
 
 # ====================================================================================================================
@@ -240,6 +245,8 @@ def build_model_card(records: RunRecords, repo_id: str, license_id: str) -> str:
         dataset=dataset,
         model=model_facts(records),
         generate_args=", ".join(f"{key}={value}" for key, value in records.results["generation"].items()),
+        max_new_tokens=records.results["generation"].get("max_new_tokens"),
+        download={"timeout": f"{DEFAULT_DOWNLOAD_TIMEOUT:g}", "mib": DEFAULT_MAX_DOWNLOAD_BYTES // 2**20},
         training_rows=training_rows(records, dataset),
         evaluation=evaluation_facts(records.results, metrics),
     )
@@ -332,7 +339,7 @@ def card_metadata(
         language=[records.training_args.get("lang", "en")],
         license=license_id,
         library_name="transformers",
-        pipeline_tag="image-to-text",
+        pipeline_tag=PIPELINE_TAG,
         tags=tags,
         datasets=[dataset["hub_id"]] if dataset["hub_id"] else None,
         metrics=sorted({kind for _, kind, _ in metrics}),

@@ -42,6 +42,11 @@ def test_saved_folder_holds_the_remote_code_and_safetensors_only(saved_tiny_capt
     auto_map = json.loads((saved_tiny_captioner / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == "modeling_imgcap.ImgCapForConditionalGeneration"
     assert auto_map["AutoConfig"] == "configuration_imgcap.ImgCapConfig"
+    custom_pipelines = json.loads((saved_tiny_captioner / "config.json").read_text())["custom_pipelines"]
+    assert {task: spec["impl"] for task, spec in custom_pipelines.items()} == {
+        "image-captioning": "pipeline_imgcap.ImgCapCaptioningPipeline",
+        "image-text-to-text": "pipeline_imgcap.ImgCapImageTextToTextPipeline",
+    }
 
 
 # What remote code may import besides the standard library: what transformers itself needs (huggingface_hub is its
@@ -88,7 +93,7 @@ def test_save_pretrained_ships_exactly_the_shipped_folder(saved_tiny_captioner):
     assert saved == shipped_files()
     assert set(saved) == {
         "configuration_imgcap.py", "modeling_imgcap.py", "tokenization_imgcap.py", "image_processing_imgcap.py",
-        "processing_imgcap.py",
+        "processing_imgcap.py", "pipeline_imgcap.py",
     }  # fmt: skip
     assert not [path for path in saved_tiny_captioner.iterdir() if path.is_dir()]
 

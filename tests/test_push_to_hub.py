@@ -87,7 +87,8 @@ def test_model_repo_holds_only_what_from_pretrained_needs(trained_run, dry_run):
     assert staged == {
         "README.md", "config.json", "generation_config.json", "model.safetensors", "vocab.json",
         "tokenizer_config.json", "processor_config.json", "configuration_imgcap.py", "modeling_imgcap.py",
-        "tokenization_imgcap.py", "image_processing_imgcap.py", "processing_imgcap.py", "all_results.json",
+        "tokenization_imgcap.py", "image_processing_imgcap.py", "processing_imgcap.py", "pipeline_imgcap.py",
+        "all_results.json",
         "training_args.json", "data_report.json",
     }  # fmt: skip
     assert (dry_run / "model" / "model.safetensors").read_bytes() == (trained_run / "model.safetensors").read_bytes()
@@ -114,8 +115,9 @@ def test_staged_model_captions_without_our_package(trained_run, dry_run, tmp_pat
     image.save(image_path)
     model = ImgCapForConditionalGeneration.from_pretrained(trained_run)
     processor = ImgCapProcessor.from_pretrained(trained_run)
+    generation = json.loads((trained_run / "all_results.json").read_text())["generation"]  # the evaluated settings
     expected = processor.batch_decode(
-        model.generate(**processor(images=[image], return_tensors="pt")), skip_special_tokens=True
+        model.generate(**processor(images=[image], return_tensors="pt"), **generation), skip_special_tokens=True
     )[0]
 
     script = textwrap.dedent(
@@ -126,7 +128,8 @@ def test_staged_model_captions_without_our_package(trained_run, dry_run, tmp_pat
         folder = {str(dry_run / "model")!r}
         model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-        ids = model.generate(**processor(images=[Image.open({str(image_path)!r})], return_tensors="pt"))
+        inputs = processor(images=[Image.open({str(image_path)!r})], return_tensors="pt")
+        ids = model.generate(**inputs, **{generation!r})
         print(json.dumps({{"module": type(model).__module__,
                            "caption": processor.batch_decode(ids, skip_special_tokens=True)[0]}}))
         """
@@ -141,7 +144,7 @@ def test_model_card_carries_the_runs_real_results(trained_run, dry_run):
     text = (dry_run / "model" / "README.md").read_text()
     metadata, body = split_card(text)
 
-    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-to-text"
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-text-to-text"
     assert {"custom_code", "image-captioning", "show-attend-and-tell", "synthetic-data"} <= set(metadata["tags"])
     assert metadata["license"] == "apache-2.0" and metadata["language"] == ["en"]
     assert "datasets" not in metadata  # the shapes set is not a Hub dataset
@@ -167,6 +170,49 @@ def test_model_card_carries_the_runs_real_results(trained_run, dry_run):
     assert "trust_remote_code=True, revision=revision" in body and "pin" in body
     assert f"Test split, {results['test_num_images']} images" in body and "num_beams=2, max_new_tokens=12" in body
     assert "only seen synthetic pictures of coloured shapes" in body
+
+
+def test_a_staged_repo_without_its_pipeline_code_is_refused(dry_run, tmp_path):
+    """config.json names the shipped pipelines (`custom_pipelines`): their file must be in the repository."""
+    folder = tmp_path / "model"
+    shutil.copytree(dry_run / "model", folder)
+    publishing.verify_model_repo(folder)
+    (folder / "pipeline_imgcap.py").unlink()
+    with pytest.raises(publishing.PublishError, match=r"custom_pipelines is missing \(pipeline_imgcap\.py\)"):
+        publishing.verify_model_repo(folder)
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return [block.split("\n", 1)[1] for block in markdown.split("```")[1::2] if block.startswith("python\n")]
+
+
+def test_model_card_usage_runs_as_written_without_our_package(trained_run, dry_run, tmp_path):
+    """The card's first snippet (pipelines as remote code), run as written on the staged repository in an interpreter
+    where `import imgcap_hf` fails: the task its front matter names is one the repository really ships, and both
+    pipelines caption. Only the repository id, the commit and the picture are filled in."""
+    text = (dry_run / "model" / "README.md").read_text()
+    metadata, body = split_card(text)
+    staged_tasks = set(json.loads((dry_run / "model" / "config.json").read_text())["custom_pipelines"])
+    snippet = python_blocks(body)[0]
+    assert metadata["pipeline_tag"] in staged_tasks
+    assert {f'pipeline("{task}"' in snippet for task in staged_tasks} == {True}
+
+    image_path = tmp_path / "photo.png"
+    image = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(image).ellipse((4, 8, 16, 20), fill="red")
+    image.save(image_path)
+    runnable = snippet.replace(f'"{REPO_ID}"', repr(str(dry_run / "model"))).replace('"COMMIT_HASH"', "None")
+    script = runnable.replace('"photo.jpg"', repr(str(image_path)))
+    generation = json.loads((trained_run / "all_results.json").read_text())["generation"]
+    script += textwrap.dedent(
+        f"""
+        import json
+        print(json.dumps([captioner({str(image_path)!r}, **{generation!r}),
+                          continuer({str(image_path)!r}, text="", **{generation!r})]))
+        """
+    )
+    captioned, continued = run_without_imgcap(script, tmp_path)
+    assert captioned[0]["generated_text"].strip() and continued[0]["generated_text"] == captioned[0]["generated_text"]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from typing import ClassVar
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.utils.hub import TRANSFORMERS_DYNAMIC_MODULE_NAME
 
 # Earlier names of decoder types, still read from saved configs, recipes and command lines: both decoders are LSTMs,
 # and what sets the Show-and-Tell one apart is that the image enters as one pooled vector.
@@ -121,6 +122,12 @@ class ImgCapConfig(PreTrainedConfig):
         """Older decoder names (`"lstm"`) take their current name before anything validates or builds from them."""
         self.decoder_type = canonical_decoder_type(self.decoder_type)
         super().__post_init__(**kwargs)
+        if "custom_pipelines" in vars(self) and not type(self).__module__.startswith(TRANSFORMERS_DYNAMIC_MODULE_NAME):
+            # config.json's `custom_pipelines` makes `pipeline()` build the shipped pipelines as remote code, asking
+            # for `trust_remote_code`. Where this class comes from our installed package, the package registers
+            # `image-captioning` itself, so `pipeline("image-captioning", model=FOLDER)` needs no remote code.
+            shipped = self.custom_pipelines
+            self.custom_pipelines = {task: spec for task, spec in shipped.items() if task != "image-captioning"}
 
     def validate_decoder_type(self):
         """Reject an unknown decoder before any weights are built from it."""

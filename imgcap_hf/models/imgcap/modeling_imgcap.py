@@ -559,6 +559,22 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         model.freeze_encoder(model.config.freeze_encoder)
         return loaded
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, shipping the pipelines too: config.json's `custom_pipelines` names them,
+        so that `pipeline("image-captioning", model=FOLDER_OR_REPO, trust_remote_code=True)` works without our
+        package. The import below is relative, so transformers copies `pipeline_imgcap.py` with this file."""
+        from .pipeline_imgcap import SHIPPED_PIPELINES
+
+        in_memory = vars(self.config).get("custom_pipelines")  # what loading kept (see ImgCapConfig.__post_init__)
+        self.config.custom_pipelines = SHIPPED_PIPELINES
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if in_memory is None:
+                del self.config.custom_pipelines
+            else:
+                self.config.custom_pipelines = in_memory
+
     @classmethod
     def from_vision_pretrained(
         cls, vision_model_name_or_path: str, vision_kwargs: dict | None = None, **config_kwargs
