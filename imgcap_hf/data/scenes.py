@@ -76,7 +76,6 @@ PAIR_REGIONS = {
 }
 MAX_LONE_COUNT = 4
 MAX_PAIR_COUNT = 3
-CAPTIONS_PER_SCENE = 5
 _OBJECT_GAP_PX = 2  # between the boxes of two objects, so that counting them never needs to split touching shapes
 _PLACEMENT_TRIES = 40
 # Splits are generated in this order, each rejecting images already drawn for an earlier one, so that the test
