@@ -7,6 +7,8 @@ the data. One module per source:
 
 - `shapes.py`: `"shapes"`, a synthetic set of coloured shapes whose captions can only be produced by looking at the
   image; it trains in minutes on a CPU and is how the tests and `make demo` reach a visible result without downloads.
+- `scenes.py`: `"scenes"`, a harder synthetic set (object groups to count, relations, textured backgrounds) whose five
+  captions come from simulated annotators who differ as real ones do, so that its metrics behave as on Flickr30k.
 - `hub_flickr30k.py`: `"flickr30k"`, the Hub copy `nlphuji/flickr30k` (its parquet conversion), already in the
   Karpathy split.
 - `kaggle_flickr30k.py`: a folder holding the Kaggle Flickr30k download (`results.csv`).
@@ -43,6 +45,8 @@ _MODULE_OF = {
     "make_shapes_dataset": "shapes",
     "generate_shapes_scenes": "shapes",
     "write_shapes_examples": "shapes",
+    "make_scenes_dataset": "scenes",
+    "generate_scenes": "scenes",
     "convert_hub_flickr30k": "hub_flickr30k",
     "load_kaggle_flickr30k": "kaggle_flickr30k",
     "load_caption_imagefolder": "imagefolder",

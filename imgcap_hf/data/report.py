@@ -41,8 +41,8 @@ class DataReport:
     """What a loader read, repaired and skipped.
 
     Args:
-        source: what was loaded (`"shapes"`, `"flickr30k"` or the folder path).
-        layout: how it was read: `shapes`, `hub-flickr30k`, `kaggle-flickr30k` or `imagefolder`.
+        source: what was loaded (`"shapes"`, `"scenes"`, `"flickr30k"` or the folder path).
+        layout: how it was read: `shapes`, `scenes`, `hub-flickr30k`, `kaggle-flickr30k` or `imagefolder`.
         repaired_rows: rows fixed up instead of dropped (the Kaggle row missing its second `|`).
         skipped: what was dropped, by reason (see the `*_ROW`, `*_CAPTION`, `*_IMAGE` constants of this module).
         images_per_split: images in each split of the returned data.

@@ -16,6 +16,7 @@ from .hub_flickr30k import convert_hub_flickr30k, download_hub_flickr30k
 from .imagefolder import METADATA_FILE, is_imagefolder, load_caption_imagefolder
 from .kaggle_flickr30k import KAGGLE_CAPTIONS_FILE, is_kaggle_flickr30k, load_kaggle_flickr30k
 from .report import DataReport
+from .scenes import make_scenes_dataset
 from .shapes import make_shapes_dataset
 from .splits import DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, check_split_fractions
 from .verification import filter_unreadable_images
@@ -36,16 +37,16 @@ def load_caption_dataset(
     """Load captioned images as train/validation/test splits, one row per image.
 
     Args:
-        name_or_path: `"shapes"` (synthetic, see `make_shapes_dataset`), `"flickr30k"` (the Hub copy
-            `nlphuji/flickr30k`), or a folder: the Kaggle Flickr30k download (`results.csv`, images in
-            `flickr30k_images/` or beside it) or an imagefolder layout (`train/`, `validation/` or `val/`, `test/`,
-            each with a `metadata.jsonl`). The two names win over folders of the same name; write `./shapes` to
-            mean the folder.
+        name_or_path: `"shapes"` (synthetic, see `make_shapes_dataset`), `"scenes"` (synthetic with human-like
+            references, see `make_scenes_dataset`), `"flickr30k"` (the Hub copy `nlphuji/flickr30k`), or a folder:
+            the Kaggle Flickr30k download (`results.csv`, images in `flickr30k_images/` or beside it) or an
+            imagefolder layout (`train/`, `validation/` or `val/`, `test/`, each with a `metadata.jsonl`). The names
+            win over folders of the same name; write `./shapes` to mean the folder.
         karpathy_json: for the Kaggle layout, the standard `dataset_flickr30k.json` whose split to use (`restval`
             joins train). Without it, images are split by `stable_split`.
         cache_dir: datasets' cache for the Hub download.
         validation_fraction, test_fraction, split_seed: the hash split of folders that bring no split of their own.
-        shapes_kwargs: keyword arguments of `make_shapes_dataset`.
+        shapes_kwargs: keyword arguments of `make_shapes_dataset`, or of `make_scenes_dataset` (the same names).
         verify_images: decode every image of a folder once and drop the unreadable ones (`filter_unreadable_images`),
             so that a corrupt file cannot crash training hours later; `num_proc` spreads the decoding over processes.
         num_proc: processes for the image check.
@@ -54,11 +55,16 @@ def load_caption_dataset(
         The splits and a `DataReport` of what was repaired or skipped.
     """
     check_split_fractions(validation_fraction, test_fraction)
-    if karpathy_json is not None and name_or_path in ("shapes", "flickr30k"):
+    if karpathy_json is not None and name_or_path in ("shapes", "scenes", "flickr30k"):
         raise ValueError(f"karpathy_json applies to the Kaggle Flickr30k folder only, not to {name_or_path!r}")
     if name_or_path == "shapes":
         report = DataReport(source="shapes", layout="shapes", notes=["synthetic coloured shapes"])
         dataset_dict = make_shapes_dataset(**(shapes_kwargs or {}))
+        report.record_split_sizes(dataset_dict)
+        return dataset_dict, report
+    if name_or_path == "scenes":
+        report = DataReport(source="scenes", layout="scenes", notes=["synthetic scenes, five simulated annotators"])
+        dataset_dict = make_scenes_dataset(**(shapes_kwargs or {}))
         report.record_split_sizes(dataset_dict)
         return dataset_dict, report
     if name_or_path == "flickr30k":
@@ -84,9 +90,9 @@ def load_caption_dataset(
     else:
         found = "it does not exist" if not root.exists() else f"it holds {_describe_contents(root)}"
         raise ValueError(
-            f"Cannot load captions from {str(root)!r}: {found}. Expected the name 'shapes' or 'flickr30k', or a "
-            f"folder holding either {KAGGLE_CAPTIONS_FILE} (the Kaggle Flickr30k layout) or train/{METADATA_FILE} "
-            f"(the imagefolder layout, optionally with validation/ or val/ and test/)."
+            f"Cannot load captions from {str(root)!r}: {found}. Expected the name 'shapes', 'scenes' or 'flickr30k', "
+            f"or a folder holding either {KAGGLE_CAPTIONS_FILE} (the Kaggle Flickr30k layout) or "
+            f"train/{METADATA_FILE} (the imagefolder layout, optionally with validation/ or val/ and test/)."
         )
     if verify_images:
         dataset_dict = filter_unreadable_images(dataset_dict, report, num_proc=num_proc)
