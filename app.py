@@ -76,6 +76,7 @@ TEMPERATURE_RANGE = (0.05, 2.0)
 TOP_P_RANGE = (0.05, 1.0)
 MAX_SEED = 2**32 - 1
 
+HEATMAPS_TITLE = "Where the model looked, word by word (attention models only)"
 BUSY_MESSAGE = "The server is busy with other captions; please try again in a minute."
 NOT_UPLOADED_MESSAGE = "The image must be uploaded with the request; the server does not open files by path."
 NO_MODEL_MESSAGE = (
@@ -524,9 +525,11 @@ def _add_results() -> list[gr.components.Component]:
         headers=["caption", "score"], datatype=["str", "number"], column_widths=["82%", "18%"],
         label="Best captions", interactive=False, wrap=True,
     )  # fmt: skip
+    # The gallery's own label floats over its first row of pictures: a heading above it instead.
+    gr.Markdown(f"**{HEATMAPS_TITLE}**", elem_id="heatmaps-title")
     heatmaps = gr.Gallery(
-        label="Where the model looked, word by word (attention models only)", columns=5,
-        object_fit="contain", height="auto", format="png", interactive=False,
+        label=HEATMAPS_TITLE, show_label=False, columns=5, object_fit="contain", height="auto", format="png",
+        interactive=False, elem_id="heatmaps",
     )  # fmt: skip
     return [caption, table, heatmaps]
 
@@ -553,11 +556,26 @@ def _add_decoding_settings(defaults: DecodingSettings, time_limit: float) -> lis
                 info=f"at most the beam width; up to {MAX_BEAMS} when sampling with one beam",
             )  # fmt: skip
         with gr.Row():
-            do_sample = gr.Checkbox(value=False, label="Sample instead of searching")
-            temperature = gr.Slider(*TEMPERATURE_RANGE, value=defaults.temperature, step=0.05, label="Temperature")
-            top_p = gr.Slider(*TOP_P_RANGE, value=defaults.top_p, step=0.05, label="Top-p")
+            do_sample = gr.Checkbox(value=defaults.do_sample, label="Sample instead of searching")
+            temperature = gr.Slider(
+                *TEMPERATURE_RANGE, value=defaults.temperature, step=0.05, label="Temperature",
+                interactive=defaults.do_sample,
+            )  # fmt: skip
+            top_p = gr.Slider(
+                *TOP_P_RANGE, value=defaults.top_p, step=0.05, label="Top-p", interactive=defaults.do_sample
+            )
             seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
+    # Temperature and top-p only act when sampling: they can be moved only then.
+    do_sample.change(
+        _sampling_controls, inputs=do_sample, outputs=[temperature, top_p], queue=False, show_progress="hidden",
+        api_visibility="private",
+    )  # fmt: skip
     return [num_beams, max_new_tokens, length_penalty, num_captions, do_sample, temperature, top_p, seed]
+
+
+def _sampling_controls(do_sample: bool) -> tuple[dict, dict]:
+    """Temperature and top-p made interactive exactly when sampling is on."""
+    return gr.update(interactive=do_sample), gr.update(interactive=do_sample)
 
 
 def _add_caption_endpoint(
@@ -572,7 +590,15 @@ def _add_caption_endpoint(
     opens and checks (see `CaptionService._load`), and the raw numbers, which it clamps. Gradio's sliders would
     refuse an out-of-range value instead, and its image input would open the file itself.
     """
-    button.click(service.caption, inputs=inputs, outputs=outputs, api_name="caption", preprocess=False)
+    event = button.click(service.caption, inputs=inputs, outputs=outputs, api_name="caption", preprocess=False)
+    # A failed request marks every output with a red "Error" badge that outlives the message's toast. Clearing the
+    # outputs, which still show the previous picture's results, clears the badges too.
+    event.failure(_cleared_results, outputs=outputs, queue=False, show_progress="hidden", api_visibility="private")
+
+
+def _cleared_results() -> tuple[str, list, list]:
+    """Empty `/caption` outputs: no caption, no rows, no heatmaps."""
+    return "", [], []
 
 
 def _add_batch_endpoint(service: CaptionService) -> None:
@@ -598,7 +624,10 @@ def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_loc
     """Serve `demo` with the safe settings: no share link, tracebacks kept in the server log (only `gr.Error`
     messages reach users), uploads capped, no monitoring endpoint, no run history (Gradio 6 can record every call,
     the successor of flagging), no MCP server, client-side rendering, a full queue answered by `_busy_response`, and
-    at most `STATE_SESSION_CAPACITY` session records."""
+    at most `STATE_SESSION_CAPACITY` session records.
+
+    Gradio's own start-up lines are silenced (`quiet`): they end by suggesting `share=True`, a public link this app
+    never makes. `startup_banner` says where the app is instead."""
     demo.launch(
         server_name=host,
         server_port=port,
@@ -611,8 +640,18 @@ def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_loc
         ssr_mode=False,
         app_kwargs={"exception_handlers": {503: _busy_response}},  # FastAPI's handler for every HTTP 503
         state_session_capacity=STATE_SESSION_CAPACITY,
-        prevent_thread_lock=prevent_thread_lock,
+        quiet=True,
+        prevent_thread_lock=True,
     )
+    print(startup_banner(demo.local_url, host), flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()
+
+
+def startup_banner(local_url: str, host: str) -> str:
+    """The line printed once the app serves: its address, and who can reach it."""
+    reach = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else f"every address of {host}"
+    return f"* Running on {local_url} ({reach}; no public share link). Press Ctrl+C to stop."
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
