@@ -161,9 +161,10 @@ def attention_heat(weights: np.ndarray, centres: RegionCentres, width: int, heig
     """One word's attention `(regions,)` as a `(height, width)` map over the model input drawn at that size, scaled to
     its maximum (1 at the most attended region's centre).
 
-    Each region's weight sits at its centre and is interpolated between centres with a cubic (Keys) kernel; beyond
-    the outermost centres it fades as towards regions of weight 0, so that the map peaks at the most attended
-    region's centre and nowhere else. Bicubic's overshoot is left in (clip it for colours, not for peaks)."""
+    Each region's weight sits at its centre and is interpolated between centres with a cubic (Keys) kernel, held
+    constant from the outermost centres to the borders (as an edge region's receptive field covers them), so an
+    interior region peaks at its centre and an edge region from its centre to the border. Bicubic's overshoot is
+    left in (clip it for colours, not for peaks)."""
     grid = weights.reshape(len(centres.rows), len(centres.columns)).astype(np.float64)  # row-major, as encoded
     grid = grid / max(float(grid.max()), 1e-12)
     row_sampling = _cubic_sampling(centres.rows, centres.input_height, height)  # (height, grid rows)
@@ -173,11 +174,11 @@ def attention_heat(weights: np.ndarray, centres: RegionCentres, width: int, heig
 
 def _cubic_sampling(centres: tuple[float, ...], input_side: int, output_side: int) -> np.ndarray:
     """(output_side, regions) weights that interpolate values at `centres` (input pixels) onto `output_side` evenly
-    spaced pixels spanning the input, as if regions of weight 0 continued the grid beyond its ends."""
+    spaced pixels spanning the input, holding the outermost values beyond the outermost centres."""
     positions = (np.arange(output_side) + 0.5) * input_side / output_side  # (output_side,) input pixels
-    grid_positions = _grid_positions(np.asarray(centres), positions, input_side)  # (output_side,) in regions
+    grid_positions = np.interp(positions, centres, np.arange(len(centres)))  # clamped to [0, regions - 1]
     base = np.floor(grid_positions).astype(int)
-    sampling = np.zeros((output_side, len(centres) + 4))  # two columns of zero-weight regions beyond each end
+    sampling = np.zeros((output_side, len(centres)))
     for step in (-1, 0, 1, 2):
         neighbour = base + step
         distance = np.abs(grid_positions - neighbour)
@@ -186,19 +187,8 @@ def _cubic_sampling(centres: tuple[float, ...], input_side: int, output_side: in
             1.5 * distance**3 - 2.5 * distance**2 + 1,
             np.where(distance < 2, -0.5 * distance**3 + 2.5 * distance**2 - 4 * distance + 2, 0.0),
         )  # Keys' cubic convolution kernel, a = -0.5 (what Pillow's BICUBIC uses)
-        np.add.at(sampling, (np.arange(output_side), np.clip(neighbour + 2, 0, len(centres) + 3)), weight)
-    return sampling[:, 2:-2]
-
-
-def _grid_positions(centres: np.ndarray, positions: np.ndarray, input_side: int) -> np.ndarray:
-    """`positions` (input pixels) in units of regions: 0 at the first centre, 1 at the second..., piecewise linear
-    between centres and continued beyond them with the outermost spacing (one input side for a single region)."""
-    first_spacing = centres[1] - centres[0] if len(centres) > 1 else input_side
-    last_spacing = centres[-1] - centres[-2] if len(centres) > 1 else input_side
-    inside = np.interp(positions, centres, np.arange(len(centres)))
-    before = (positions - centres[0]) / first_spacing
-    after = len(centres) - 1 + (positions - centres[-1]) / last_spacing
-    return np.where(positions < centres[0], before, np.where(positions > centres[-1], after, inside))
+        np.add.at(sampling, (np.arange(output_side), np.clip(neighbour, 0, len(centres) - 1)), weight)
+    return sampling
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -274,7 +264,8 @@ def peak_position(
     image: Image.Image, weights: np.ndarray, image_processor, centres: RegionCentres | None = None
 ) -> tuple[float, float]:
     """(x, y) in `image`'s pixels of the hottest point of the heatmap `attention_overlays` draws for `weights`: the
-    centre of the hottest display pixel, mapped back through the display's scale."""
+    centre of the hottest display pixel (the first in reading order where an edge region holds its value to the
+    border), mapped back through the display's scale."""
     layout = _display_layout(image, image_processor)
     left, top, right, bottom = layout.box
     heat = attention_heat(weights, _centres_or_grid_cells(weights, centres), right - left, bottom - top)

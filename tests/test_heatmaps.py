@@ -64,21 +64,21 @@ def _hottest_point(overlay, scale: float) -> tuple[float, float]:
 
 
 def test_one_region_peaks_at_its_receptive_field_centre_on_the_original_picture():
-    """All attention on region (row 0, column 1) of a 2x2 grid, for a 200x120 picture: resized to 106x64 (crop_pct
-    0.875 of 64 gives a shortest edge of 73, hence 121x73) and centre-cropped to 64x64. The hottest point of the
-    drawn overlay is that region's receptive-field centre carried back through the crop and the resize: not its cell
+    """All attention on the middle region (row 1, column 1) of a 3x3 grid, for a 200x120 picture: its shortest edge
+    resized to 73 (64 / crop_pct 0.875), hence 121x73, and centre-cropped to 64x64. The hottest point of the drawn
+    overlay is that region's receptive-field centre carried back through the crop and the resize: not its cell
     centre, 7.5 input pixels (12 picture pixels) further down and to the right."""
-    encoder = _encoder(json.loads(TINY_TRAIN_VISION), 2)
+    encoder = _encoder(json.loads(TINY_TRAIN_VISION), 3)
     image_processor = ImgCapImageProcessor(crop_size=64, crop_pct=0.875)
     centres = measure_region_centres(encoder, 64, 64)
     picture = Image.new("RGB", (200, 120), "white")
-    weights = np.array([0.0, 1.0, 0.0, 0.0], np.float32)  # row-major: row 0, column 1
+    weights = np.eye(1, 9, 4, dtype=np.float32)[0]  # row-major: row 1, column 1
 
     left, top, right, bottom = image_processor.crop_box(200, 120)
     assert (round(left * 121), round(right * 121), round(top * 73), round(bottom * 73)) == (28, 92, 4, 68)
     expected = (
         (left + centres.columns[1] / 64 * (right - left)) * 200,
-        (top + centres.rows[0] / 64 * (bottom - top)) * 120,
+        (top + centres.rows[1] / 64 * (bottom - top)) * 120,
     )
     ((overlay, word),) = attention_overlays(picture, [("circle", weights)], image_processor, centres)
     assert word == "circle" and overlay.size == (320, 192)
@@ -87,7 +87,7 @@ def test_one_region_peaks_at_its_receptive_field_centre_on_the_original_picture(
     assert peak_position(picture, weights, image_processor, centres) == pytest.approx(expected, abs=display_pixel)
     assert np.asarray(overlay)[0, 0].tolist() == [round(255 * OUTSIDE_CROP_BRIGHTNESS)] * 3  # cropped off: dimmed
 
-    cells = RegionCentres.grid_cells(2, 2, 64, 64)
+    cells = RegionCentres.grid_cells(3, 3, 64, 64)
     cell_peak = peak_position(picture, weights, image_processor, cells)
     assert cell_peak[0] - expected[0] > 10 and cell_peak[1] - expected[1] > 10  # the shift the centres remove
 
