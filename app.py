@@ -113,7 +113,8 @@ class Captioner:
 
 
 def load_captioners(model_paths: Sequence[str]) -> dict[str, Captioner]:
-    """Load every model once, in eval mode, keyed by a label such as `"attention (shapes-attention)"`.
+    """Load every model once, in eval mode, keyed by a label such as `"attention (shapes-attention)"`; for attention
+    models, measure where their regions lie (`Captioner.region_centres`) for the processor's usual input size.
 
     Raises `load_captioner`'s one-sentence `ValueError` for a folder or Hub id that holds no usable ImgCap model
     (missing or mismatched files, pickle-only weights, a tokenizer of another model): a model the operator named
@@ -126,6 +127,10 @@ def load_captioners(model_paths: Sequence[str]) -> dict[str, Captioner]:
         if label in captioners:
             label = f"{label} #{len(captioners) + 1}"
         captioners[label] = Captioner(label, model, processor)
+        if captioners[label].has_attention:
+            # Now rather than on the first request: no request waits for it.
+            usual_input = processor(images=Image.new("RGB", (256, 256)), return_tensors="pt")["pixel_values"]
+            captioners[label].region_centres(*usual_input.shape[-2:])  # (1, 3, height, width)
     return captioners
 
 
