@@ -528,7 +528,7 @@ def _add_results() -> list[gr.components.Component]:
     caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
     table = gr.Dataframe(
         headers=["caption", "score"], datatype=["str", "number"], column_widths=["82%", "18%"],
-        label="Best captions", interactive=False, wrap=True,
+        label="Best captions", interactive=False, wrap=True, elem_id="captions-table",
     )  # fmt: skip
     # The gallery's own label floats over its first row of pictures: a heading above it instead.
     gr.Markdown(f"**{HEATMAPS_TITLE}**", elem_id="heatmaps-title")

@@ -2,7 +2,9 @@
 heatmap gallery's title outside its pictures, and a start-up line that offers no share link."""
 
 import socket
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 import app
@@ -55,10 +57,14 @@ def test_the_heatmap_title_sits_above_the_gallery_not_over_it(demo):
     assert f"**{app.HEATMAPS_TITLE}**" in texts
 
 
-def test_start_up_line_offers_no_share_link(demo, capfd):
+def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_start_up_line_offers_no_share_link(demo, capfd):
+    port = _free_port()
     app.launch_demo(demo, "127.0.0.1", port, prevent_thread_lock=True)
     try:
         printed = capfd.readouterr().out
@@ -69,3 +75,35 @@ def test_start_up_line_offers_no_share_link(demo, capfd):
     assert app.startup_banner("http://localhost:7860/", "0.0.0.0").startswith(
         "* Running on http://localhost:7860/ (every address of 0.0.0.0;"
     )
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_browser_shows_no_empty_error_badges_after_a_failed_caption(saved_tiny_attention_captioner, tmp_path):
+    """A file that is not an image: its message appears as a toast, and the outputs carry no red "Error" badge."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not present")
+    noise = tmp_path / "noise.png"
+    noise.write_bytes(np.random.default_rng(0).bytes(2048))
+    served = app.build_demo([str(saved_tiny_attention_captioner)], examples_dir=tmp_path / "examples")
+    app.launch_demo(served, "127.0.0.1", _free_port(), prevent_thread_lock=True)
+    badges = "#caption .error, #captions-table .error, #heatmaps .error"
+    visible_badges = f"() => [...document.querySelectorAll('{badges}')].filter(e => e.offsetParent !== null).length"
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu"]
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.goto(served.local_url, timeout=20_000)
+                page.locator("#image-input input[type=file]").set_input_files(str(noise))
+                page.locator("#caption-button").click()
+                page.get_by_text("Cannot read image 'noise.png'").first.wait_for(timeout=20_000)
+                page.wait_for_function(f"() => ({visible_badges})() === 0", timeout=5_000)
+            finally:
+                browser.close()
+    finally:
+        served.close()
