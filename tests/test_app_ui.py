@@ -10,7 +10,10 @@ import pytest
 import app
 
 # Gradio's queue calls pandas in ways pandas 3 deprecates; nothing this project can change.
-pytestmark = pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
 
 
 @pytest.fixture(scope="module")
