@@ -40,6 +40,14 @@ from PIL import Image
 
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
 from imgcap_hf.data.shapes import write_shapes_examples
+from imgcap_hf.heatmaps import (  # noqa: F401 (DISPLAY_SIDE, OUTSIDE_CROP_BRIGHTNESS: the drawing's settings, read here by tests)
+    DISPLAY_SIDE,
+    OUTSIDE_CROP_BRIGHTNESS,
+    RegionCentres,
+    attention_overlays,
+    measure_region_centres,
+    words_with_attention,
+)
 from imgcap_hf.loading import load_captioner
 from imgcap_hf.models.imgcap.processing_imgcap import IGNORE_INDEX, caption_labels
 
@@ -68,15 +76,7 @@ TEMPERATURE_RANGE = (0.05, 2.0)
 TOP_P_RANGE = (0.05, 1.0)
 MAX_SEED = 2**32 - 1
 
-# Heatmaps are drawn on a copy of the image whose long side is this many pixels.
-DISPLAY_SIDE = 320
-HEATMAP_OPACITY = 0.5
-OUTSIDE_CROP_BRIGHTNESS = 0.35  # parts of the picture the model never saw (cut off by the centre crop) are dimmed
-# A blue-green-yellow-red ramp (close to matplotlib's "turbo"): low attention is cool, high attention is hot.
-COLORMAP_ANCHORS = np.array(
-    [[48, 18, 59], [40, 120, 240], [30, 210, 150], [250, 200, 40], [190, 20, 10]], dtype=np.float32
-)
-
+HEATMAPS_TITLE = "Where the model looked, word by word (attention models only)"
 BUSY_MESSAGE = "The server is busy with other captions; please try again in a minute."
 NOT_UPLOADED_MESSAGE = "The image must be uploaded with the request; the server does not open files by path."
 NO_MODEL_MESSAGE = (
@@ -97,14 +97,24 @@ class Captioner:
     label: str
     model: ImgCapForConditionalGeneration
     processor: ImgCapProcessor
+    _region_centres: dict[tuple[int, int], RegionCentres] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def has_attention(self) -> bool:
         return self.model.config.decoder_type == "attention"
 
+    def region_centres(self, input_height: int, input_width: int) -> RegionCentres:
+        """Where the encoder's regions lie on an input of this size (`measure_region_centres`), measured once per size;
+        the heatmaps place each region's weight there."""
+        size = (input_height, input_width)
+        if size not in self._region_centres:
+            self._region_centres[size] = measure_region_centres(self.model.get_encoder(), *size)
+        return self._region_centres[size]
+
 
 def load_captioners(model_paths: Sequence[str]) -> dict[str, Captioner]:
-    """Load every model once, in eval mode, keyed by a label such as `"attention (shapes-attention)"`.
+    """Load every model once, in eval mode, keyed by a label such as `"attention (shapes-attention)"`; for attention
+    models, measure where their regions lie (`Captioner.region_centres`) for the processor's usual input size.
 
     Raises `load_captioner`'s one-sentence `ValueError` for a folder or Hub id that holds no usable ImgCap model
     (missing or mismatched files, pickle-only weights, a tokenizer of another model): a model the operator named
@@ -117,6 +127,10 @@ def load_captioners(model_paths: Sequence[str]) -> dict[str, Captioner]:
         if label in captioners:
             label = f"{label} #{len(captioners) + 1}"
         captioners[label] = Captioner(label, model, processor)
+        if captioners[label].has_attention:
+            # Now rather than on the first request: no request waits for it.
+            usual_input = processor(images=Image.new("RGB", (256, 256)), return_tensors="pt")["pixel_values"]
+            captioners[label].region_centres(*usual_input.shape[-2:])  # (1, 3, height, width)
     return captioners
 
 
@@ -204,6 +218,7 @@ def model_defaults(captioner: Captioner | None) -> DecodingSettings:
 class CaptionResult:
     captions: list[tuple[str, float]]  # (caption, score), best first
     word_attention: list[tuple[str, np.ndarray]]  # best caption: (word, (regions,) weights); empty for pooled models
+    region_centres: RegionCentres | None = None  # where the weights' regions lie on the model input (attention models)
 
 
 def caption_image(
@@ -234,11 +249,11 @@ def caption_image(
     texts = processor.batch_decode(sequences, skip_special_tokens=True)
     captions, best = _rank_captions(texts, scores.tolist())
 
-    word_attention = []
-    if output.cross_attentions is not None:
-        weights = output.cross_attentions[0][best, 0]  # (steps, regions)
-        word_attention = _word_attention(weights, labels[best], processor.tokenizer)
-    return CaptionResult(captions, word_attention)
+    if output.cross_attentions is None:
+        return CaptionResult(captions, [])
+    weights = output.cross_attentions[0][best, 0]  # (steps, regions)
+    word_attention = words_with_attention(weights, labels[best], processor.tokenizer)
+    return CaptionResult(captions, word_attention, captioner.region_centres(*pixel_values.shape[-2:]))
 
 
 def _labels_from_sequences(sequences: torch.LongTensor, config) -> torch.LongTensor:
@@ -271,67 +286,6 @@ def _rank_captions(texts: list[str], scores: list[float]) -> tuple[list[tuple[st
             seen.add(texts[row])
             captions.append((texts[row], scores[row]))
     return captions, order[0]
-
-
-def _word_attention(weights: torch.Tensor, labels: torch.LongTensor, tokenizer) -> list[tuple[str, np.ndarray]]:
-    """The attention of each printed word of one caption: the mean of `weights` `(steps, regions)` over the word's
-    tokens, with the words exactly as decoding prints them (`ImgCapTokenizer.words_with_positions`), so a spelled
-    word is one word and the final `<eos>` none."""
-    tokens = tokenizer.convert_ids_to_tokens(labels[labels != IGNORE_INDEX].tolist())
-    return [
-        (word, weights[positions].mean(dim=0).numpy())
-        for word, positions in tokenizer.words_with_positions(tokens, skip_special_tokens=True)
-    ]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Attention heatmaps
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) float RGB, interpolated linearly between `COLORMAP_ANCHORS`."""
-    positions = values * (len(COLORMAP_ANCHORS) - 1)
-    lower = np.clip(np.floor(positions).astype(int), 0, len(COLORMAP_ANCHORS) - 2)
-    fraction = (positions - lower)[..., None]
-    return COLORMAP_ANCHORS[lower] * (1 - fraction) + COLORMAP_ANCHORS[lower + 1] * fraction
-
-
-def attention_overlays(
-    image: Image.Image, word_attention: list[tuple[str, np.ndarray]], image_processor
-) -> list[tuple[Image.Image, str]]:
-    """One picture per word: its attention over the region grid, smoothly upsampled onto the part of the (upright)
-    picture the model saw (the processor's `crop_box`), colour-mapped and blended over it, the margins the crop cut
-    off dimmed. Each map is scaled to its own maximum, as in Show, Attend and Tell's figures, so every word shows
-    where it looked most."""
-    scale = DISPLAY_SIDE / max(image.size)
-    display = image.resize(
-        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BICUBIC
-    )
-    base = np.asarray(display, dtype=np.float32)  # (H, W, 3)
-    left, top, right, bottom = image_processor.crop_box(image.width, image.height)
-    box = (
-        round(left * display.width),
-        round(top * display.height),
-        max(round(left * display.width) + 1, round(right * display.width)),
-        max(round(top * display.height) + 1, round(bottom * display.height)),
-    )
-    box_width, box_height = box[2] - box[0], box[3] - box[1]
-
-    overlays = []
-    for word, weights in word_attention:
-        grid_side = math.isqrt(weights.size)
-        if grid_side * grid_side != weights.size:  # not a square grid of regions: no picture to draw
-            return []
-        grid = weights.reshape(grid_side, grid_side).astype(np.float32)  # row-major, as the encoder flattens it
-        grid = grid / max(float(grid.max()), 1e-12)
-        heat = np.asarray(Image.fromarray(grid).resize((box_width, box_height), Image.Resampling.BICUBIC))
-        heat = np.clip(heat, 0.0, 1.0)  # (box_height, box_width); bicubic overshoots a little
-        blended = base * OUTSIDE_CROP_BRIGHTNESS
-        inside = base[box[1] : box[3], box[0] : box[2]]
-        blended[box[1] : box[3], box[0] : box[2]] = (1 - HEATMAP_OPACITY) * inside + HEATMAP_OPACITY * colormap(heat)
-        overlays.append((Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)), word))
-    return overlays
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,7 +381,9 @@ class CaptionService:
         else:
             result = caption_image(captioner, picture, settings, self.time_limit)
         table = [[text, round(score, 4)] for text, score in result.captions]
-        overlays = attention_overlays(picture, result.word_attention, captioner.processor.image_processor)
+        overlays = attention_overlays(
+            picture, result.word_attention, captioner.processor.image_processor, result.region_centres
+        )
         return result.captions[0][0], table, overlays
 
     def caption_batch(self, images: list[str | dict | None]) -> tuple[list[str], list[str]]:
@@ -572,11 +528,13 @@ def _add_results() -> list[gr.components.Component]:
     caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
     table = gr.Dataframe(
         headers=["caption", "score"], datatype=["str", "number"], column_widths=["82%", "18%"],
-        label="Best captions", interactive=False, wrap=True,
+        label="Best captions", interactive=False, wrap=True, elem_id="captions-table",
     )  # fmt: skip
+    # The gallery's own label floats over its first row of pictures: a heading above it instead.
+    gr.Markdown(f"**{HEATMAPS_TITLE}**", elem_id="heatmaps-title")
     heatmaps = gr.Gallery(
-        label="Where the model looked, word by word (attention models only)", columns=5,
-        object_fit="contain", height="auto", format="png", interactive=False,
+        label=HEATMAPS_TITLE, show_label=False, columns=5, object_fit="contain", height="auto", format="png",
+        interactive=False, elem_id="heatmaps",
     )  # fmt: skip
     return [caption, table, heatmaps]
 
@@ -603,11 +561,26 @@ def _add_decoding_settings(defaults: DecodingSettings, time_limit: float) -> lis
                 info=f"at most the beam width; up to {MAX_BEAMS} when sampling with one beam",
             )  # fmt: skip
         with gr.Row():
-            do_sample = gr.Checkbox(value=False, label="Sample instead of searching")
-            temperature = gr.Slider(*TEMPERATURE_RANGE, value=defaults.temperature, step=0.05, label="Temperature")
-            top_p = gr.Slider(*TOP_P_RANGE, value=defaults.top_p, step=0.05, label="Top-p")
+            do_sample = gr.Checkbox(value=defaults.do_sample, label="Sample instead of searching")
+            temperature = gr.Slider(
+                *TEMPERATURE_RANGE, value=defaults.temperature, step=0.05, label="Temperature",
+                interactive=defaults.do_sample,
+            )  # fmt: skip
+            top_p = gr.Slider(
+                *TOP_P_RANGE, value=defaults.top_p, step=0.05, label="Top-p", interactive=defaults.do_sample
+            )
             seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
+    # Temperature and top-p only act when sampling: they can be moved only then.
+    do_sample.change(
+        _sampling_controls, inputs=do_sample, outputs=[temperature, top_p], queue=False, show_progress="hidden",
+        api_visibility="private",
+    )  # fmt: skip
     return [num_beams, max_new_tokens, length_penalty, num_captions, do_sample, temperature, top_p, seed]
+
+
+def _sampling_controls(do_sample: bool) -> tuple[dict, dict]:
+    """Temperature and top-p made interactive exactly when sampling is on."""
+    return gr.update(interactive=do_sample), gr.update(interactive=do_sample)
 
 
 def _add_caption_endpoint(
@@ -622,7 +595,15 @@ def _add_caption_endpoint(
     opens and checks (see `CaptionService._load`), and the raw numbers, which it clamps. Gradio's sliders would
     refuse an out-of-range value instead, and its image input would open the file itself.
     """
-    button.click(service.caption, inputs=inputs, outputs=outputs, api_name="caption", preprocess=False)
+    event = button.click(service.caption, inputs=inputs, outputs=outputs, api_name="caption", preprocess=False)
+    # A failed request marks every output with a red "Error" badge that outlives the message's toast. Clearing the
+    # outputs, which still show the previous picture's results, clears the badges too.
+    event.failure(_cleared_results, outputs=outputs, queue=False, show_progress="hidden", api_visibility="private")
+
+
+def _cleared_results() -> tuple[str, list, list]:
+    """Empty `/caption` outputs: no caption, no rows, no heatmaps."""
+    return "", [], []
 
 
 def _add_batch_endpoint(service: CaptionService) -> None:
@@ -648,7 +629,10 @@ def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_loc
     """Serve `demo` with the safe settings: no share link, tracebacks kept in the server log (only `gr.Error`
     messages reach users), uploads capped, no monitoring endpoint, no run history (Gradio 6 can record every call,
     the successor of flagging), no MCP server, client-side rendering, a full queue answered by `_busy_response`, and
-    at most `STATE_SESSION_CAPACITY` session records."""
+    at most `STATE_SESSION_CAPACITY` session records.
+
+    Gradio's own start-up lines are silenced (`quiet`): they end by suggesting `share=True`, a public link this app
+    never makes. `startup_banner` says where the app is instead."""
     demo.launch(
         server_name=host,
         server_port=port,
@@ -661,8 +645,18 @@ def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_loc
         ssr_mode=False,
         app_kwargs={"exception_handlers": {503: _busy_response}},  # FastAPI's handler for every HTTP 503
         state_session_capacity=STATE_SESSION_CAPACITY,
-        prevent_thread_lock=prevent_thread_lock,
+        quiet=True,
+        prevent_thread_lock=True,
     )
+    print(startup_banner(demo.local_url, host), flush=True)
+    if not prevent_thread_lock:
+        demo.block_thread()
+
+
+def startup_banner(local_url: str, host: str) -> str:
+    """The line printed once the app serves: its address, and who can reach it."""
+    reach = "this machine only" if host in ("127.0.0.1", "localhost", "::1") else f"every address of {host}"
+    return f"* Running on {local_url} ({reach}; no public share link). Press Ctrl+C to stop."
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -76,6 +76,8 @@ _ARTICLE_BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")  # "a orange circle" -> "
 _POSITION_JITTER = 0.03
 _RADIUS_JITTER = 0.08
 _PAIR_CROSS_AXIS_JITTER = 0.1
+# A square of the circle's area would look bigger: its half side is this fraction of the radius.
+_SQUARE_HALF_SIDE = 0.85
 # Splits are generated in this order, each rejecting images already drawn for an earlier one, so that the test
 # images (and `write_shapes_examples`) do not depend on how many training images are asked for.
 _SHAPES_GENERATION_ORDER = ("test", "validation", "train")
@@ -91,6 +93,13 @@ class DrawnShape:
     position: str  # left/right/top/bottom/center for a lone shape; left/right or top/bottom within a pair
     center: tuple[float, float]  # pixels
     radius: float  # pixels
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) in pixels: the box the shape is drawn in, where a word naming it should look."""
+        half_side = _SQUARE_HALF_SIDE * self.radius if self.kind == "square" else self.radius
+        x, y = self.center
+        return x - half_side, y - half_side, x + half_side, y + half_side
 
 
 @dataclass(frozen=True)
@@ -239,7 +248,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: DrawnShape) -> None:
     if shape.kind == "circle":
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=fill)
     elif shape.kind == "square":
-        half_side = 0.85 * radius  # a square of the circle's area would look bigger: keep them comparable
+        half_side = _SQUARE_HALF_SIDE * radius
         draw.rectangle((x - half_side, y - half_side, x + half_side, y + half_side), fill=fill)
     elif shape.kind == "triangle":  # pointing up, filling the same box as the circle
         draw.polygon([(x, y - radius), (x + radius, y + radius), (x - radius, y + radius)], fill=fill)
