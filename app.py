@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import io
 import math
 import os
+import secrets
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -339,6 +342,39 @@ def attention_overlays(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def save_heatmap_files(
+    overlays: list[tuple[Image.Image, str]], folder: str | Path, key: bytes
+) -> list[tuple[str, str]]:
+    """Each (heatmap, word) as (PNG file, word): the files Gradio serves for the gallery.
+
+    Handed PIL images, Gradio writes each one to a path named by its content with a plain write, so two requests with
+    the same answer (the same example clicked twice at once) rewrite one file while the other's response is sending
+    it, and that client gets a truncated file. Handed paths inside its cache folder, Gradio serves the files where
+    they lie. Here each file is named by a keyed hash of its bytes (identical answers share one file, so the disk
+    holds each distinct heatmap once, and nobody who lacks `key` can name someone else's heatmap), written under a
+    unique temporary name and renamed into place: a response that is sending the file keeps the copy it opened,
+    and every copy holds the same bytes. Each request renames its own copy, whose fresh ctime keeps Gradio's hourly
+    cache clean-up from deleting a file that was just handed out again.
+    """
+    files = []
+    for overlay, word in overlays:
+        buffer = io.BytesIO()
+        overlay.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        target = Path(folder) / hashlib.blake2b(data, key=key, digest_size=32).hexdigest() / "heatmap.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, staging = tempfile.mkstemp(dir=target.parent, prefix=".heatmap-", suffix=".png")
+        try:
+            with os.fdopen(descriptor, "wb") as staged:
+                staged.write(data)
+            os.replace(staging, target)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+        files.append((str(target), word))
+    return files
+
+
 def _user_error(message: str) -> gr.Error:
     """An error whose one-sentence message is shown to the user; the server log gets no traceback for it."""
     return gr.Error(message, print_exception=False)
@@ -351,6 +387,9 @@ class CaptionService:
     generator (`generate` has no per-call generator), so seeded sampling runs one request at a time to stay
     reproducible while other requests run.
 
+    Heatmaps are written as PNG files into `heatmap_folder` (`save_heatmap_files`), by default Gradio's cache folder,
+    where Gradio serves them without copying and deletes them with its other cached files.
+
     `upload_folder`, when given (the served app gives Gradio's), is the only folder images are opened from. Gradio
     checks that a file payload names an uploaded file only when the payload carries its `meta` marker: an API caller
     who sends `{"path": "/any/file.png"}` without it reaches the handler with that path, and would otherwise get any
@@ -362,10 +401,13 @@ class CaptionService:
         captioners: dict[str, Captioner],
         time_limit: float = TIME_LIMIT_SECONDS,
         upload_folder: str | Path | None = None,
+        heatmap_folder: str | Path | None = None,
     ):
         self.captioners = captioners
         self.time_limit = time_limit
         self.upload_folder = Path(upload_folder).resolve() if upload_folder is not None else None
+        self.heatmap_folder = Path(heatmap_folder if heatmap_folder is not None else get_upload_folder()).resolve()
+        self._heatmap_key = secrets.token_bytes(32)
         self._sampling_lock = threading.Lock()
 
     def _captioner(self, label: object) -> Captioner:
@@ -412,8 +454,8 @@ class CaptionService:
         temperature: float = DecodingSettings.temperature,
         top_p: float = DecodingSettings.top_p,
         seed: float = DecodingSettings.seed,
-    ) -> tuple[str, list[list[object]], list[tuple[Image.Image, str]]]:
-        """The `/caption` endpoint: (best caption, n-best table rows [caption, score], one heatmap per word)."""
+    ) -> tuple[str, list[list[object]], list[tuple[str, str]]]:
+        """The `/caption` endpoint: (best caption, n-best table rows [caption, score], one heatmap file per word)."""
         captioner = self._captioner(model_label)
         picture = self._load(image, captioner)
         settings = DecodingSettings.clamped(
@@ -428,7 +470,7 @@ class CaptionService:
             result = caption_image(captioner, picture, settings, self.time_limit)
         table = [[text, round(score, 4)] for text, score in result.captions]
         overlays = attention_overlays(picture, result.word_attention, captioner.processor.image_processor)
-        return result.captions[0][0], table, overlays
+        return result.captions[0][0], table, save_heatmap_files(overlays, self.heatmap_folder, self._heatmap_key)
 
     def caption_batch(self, images: list[str | dict | None]) -> tuple[list[str], list[str]]:
         """The `/caption_batch` endpoint, which Gradio calls with up to `MAX_BATCH_SIZE` queued requests at once.
@@ -665,6 +707,14 @@ def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_loc
     )
 
 
+def serving_threads(available: int) -> int:
+    """torch's intra-op threads per caption: the `available` threads shared out between the `CONCURRENCY_LIMIT`
+    captions that run at once. Each caption using every core would put more busy threads than cores on the machine,
+    and torch's threads wait for each other at every operation: on a busy 2-core machine a tiny model's caption took
+    ten times longer with 2 threads each than with 1."""
+    return max(1, available // CONCURRENCY_LIMIT)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -700,6 +750,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: cannot load the model(s) {', '.join(model_paths)}: {error}")
         return 2
+    torch.set_num_threads(serving_threads(torch.get_num_threads()))
     launch_demo(demo, args.host, args.port)
     return 0
 
