@@ -11,8 +11,8 @@ Serving defaults, chosen for a public demo: bound to 127.0.0.1 unless told other
 analytics, no flagging (Blocks has none), uploads capped at 10 MB, images at `DEFAULT_MAX_PIXELS`, a bounded queue,
 bounded concurrency, a time limit per caption, decoding parameters clamped to the UI's ranges (API callers can send
 anything), a full queue answered with one "busy" sentence, images opened only from Gradio's upload folder (an API
-caller cannot name a file on the server), and unusable input answered with one sentence (`gr.Error`) while other
-errors stay in the server log.
+caller cannot name a file on the server, nor a URL for the server to download), and unusable input answered with one
+sentence (`gr.Error`) while other errors stay in the server log.
 
 API (`gradio_client`):
 
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
+from gradio_client.utils import is_http_url_like
 from PIL import Image
 
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
@@ -82,6 +83,7 @@ COLORMAP_ANCHORS = np.array(
 
 BUSY_MESSAGE = "The server is busy with other captions; please try again in a minute."
 NOT_UPLOADED_MESSAGE = "The image must be uploaded with the request; the server does not open files by path."
+URL_MESSAGE = "The image must be uploaded with the request; the server does not download images from URLs."
 NO_MODEL_MESSAGE = (
     "**No captioning model is loaded.** Train the demo model with `make demo` (a few minutes on a CPU; it writes "
     "`outputs/shapes-attention`), or start the app with `python app.py --model DIR_OR_HUB_ID`."
@@ -375,6 +377,25 @@ def save_heatmap_files(
     return files
 
 
+class UploadOnlyImage(gr.Image):
+    """Gradio's image input, except that it never downloads: Gradio fetches a file payload whose path is an
+    `http(s)` URL into its cache before the handler runs (with no size or time limit of ours, and for `/caption_batch`
+    a refusal there would fail every request of the batch). Here the URL reaches the handler as it came, and
+    `CaptionService._load` refuses it with one sentence (`URL_MESSAGE`)."""
+
+    is_template = True  # as for Gradio's own variants of a component: the page and the API see a plain "image"
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path: str | Path | None) -> str | None:
+        if is_http_url_like(url_or_file_path):
+            return url_or_file_path
+        return await super().async_move_resource_to_block_cache(url_or_file_path)
+
+    def move_resource_to_block_cache(self, url_or_file_path: str | Path | None) -> str | None:
+        if is_http_url_like(url_or_file_path):
+            return url_or_file_path
+        return super().move_resource_to_block_cache(url_or_file_path)
+
+
 def _user_error(message: str) -> gr.Error:
     """An error whose one-sentence message is shown to the user; the server log gets no traceback for it."""
     return gr.Error(message, print_exception=False)
@@ -424,14 +445,17 @@ class CaptionService:
 
         `image` is a path, or Gradio's raw file payload (a dict with the uploaded file's `path` in Gradio's cache): the
         events skip Gradio's preprocessing, which opens every upload with Pillow before the handler runs, so that
-        random bytes or a decompression bomb would fail there with an error the user never sees explained. A path
-        outside `upload_folder` is refused before the file is touched, with the same message whether it exists or not.
+        random bytes or a decompression bomb would fail there with an error the user never sees explained. A URL is
+        refused (`UploadOnlyImage` keeps Gradio from downloading it), and a path outside `upload_folder` is refused
+        before the file is touched, with the same message whether it exists or not.
         """
         path = image.get("path") if isinstance(image, dict) else image
         if path is None:
             raise _user_error(
                 "No image was given: upload one, take one with the webcam, paste one or pick an example."
             )
+        if is_http_url_like(path):  # what `UploadOnlyImage` left undownloaded
+            raise _user_error(URL_MESSAGE)
         if self.upload_folder is not None and not (
             isinstance(path, str) and Path(path).resolve().is_relative_to(self.upload_folder)
         ):  # resolve() first: `..` and symbolic links cannot lead out of the folder
@@ -593,7 +617,7 @@ def _add_header_and_model_choice(captioners: dict[str, Captioner]) -> gr.Dropdow
 
 def _add_image_input(examples: list[tuple[Path, str]]) -> tuple[gr.Image, gr.Button]:
     """The image input (upload, webcam, clipboard), the Caption button and the example images."""
-    image = gr.Image(
+    image = UploadOnlyImage(
         type="filepath",
         image_mode=None,
         sources=["upload", "webcam", "clipboard"],
@@ -670,7 +694,7 @@ def _add_caption_endpoint(
 def _add_batch_endpoint(service: CaptionService) -> None:
     """A second, API-only endpoint that Gradio batches: queued requests are captioned by one `generate` call. Its
     hidden components exist only to carry the API's input and outputs; it skips preprocessing like `/caption`."""
-    batch_image = gr.Image(type="filepath", image_mode=None, visible=False)
+    batch_image = UploadOnlyImage(type="filepath", image_mode=None, visible=False)
     batch_caption = gr.Textbox(visible=False)
     batch_error = gr.Textbox(visible=False)
     gr.Button(visible=False).click(

@@ -124,7 +124,8 @@ def test_caption_handler_on_every_image_mode(saved_tiny_captioner, mode_images):
             # One overlay per printed word, labelled with it (spelled out-of-vocabulary words count as one word).
             assert [word for _, word in overlays] == caption.split(), mode
             upright = ImageOps.exif_transpose(Image.open(path))
-            for overlay, _ in overlays:
+            for heatmap_file, _ in overlays:
+                overlay = Image.open(heatmap_file)
                 assert overlay.mode == "RGB" and max(overlay.size) == app.DISPLAY_SIDE
                 assert (overlay.width > overlay.height) == (upright.width > upright.height), mode
         else:

@@ -425,6 +425,65 @@ def test_endpoints_open_only_uploaded_files(live, tmp_path):
     assert _call(url, "caption", _caption_arguments({"path": example["path"], **FILE_META}))[0] == "complete"
 
 
+@pytest.fixture
+def image_server():
+    """A plain HTTP server on 127.0.0.1 that serves a picture at any path and records each request: (URL, paths)."""
+    import http.server
+
+    picture, requested = _picture(7), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(picture)))
+            self.end_headers()
+            self.wfile.write(picture)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/photo.png", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_endpoints_refuse_image_urls_and_download_nothing(live, image_server, tmp_path, monkeypatch):
+    """A file payload whose path is an `http(s)` URL: Gradio downloads it before any handler runs, whole and with no
+    size limit, when its SSRF guard takes the host for a public one. The test lets 127.0.0.1 pass as public (the
+    control: Gradio's own download then fetches from the local server), and both endpoints must answer with the
+    one sentence and fetch nothing, with or without the `meta` marker. Uploads still work, also in a batch beside
+    a URL."""
+    from gradio import processing_utils
+
+    url = live.local_url
+    image_url, requested = image_server
+    whitelist = [*processing_utils.PUBLIC_HOSTNAME_WHITELIST, "127.0.0.1"]
+    monkeypatch.setattr(processing_utils, "PUBLIC_HOSTNAME_WHITELIST", whitelist)
+    control = processing_utils.ssrf_protected_download(f"{image_url}?control", str(tmp_path))
+    assert Path(control).read_bytes() == _picture(7) and requested == ["/photo.png?control"]
+
+    requested.clear()
+    for image in ({"path": image_url, **FILE_META}, {"path": image_url}, {"path": image_url, "url": image_url}):
+        assert _call(url, "caption", _caption_arguments(image)) == ("error", app.URL_MESSAGE), image
+        assert _call(url, "caption_batch", [image]) == ("complete", ["", app.URL_MESSAGE]), image
+    assert requested == []
+
+    good = _upload(url, "photo.png", _picture(7))
+    assert _call(url, "caption", _caption_arguments(good))[0] == "complete"
+    with ThreadPoolExecutor(4) as pool:
+        batch = list(pool.map(lambda image: _call(url, "caption_batch", [image]), [good, {"path": image_url}] * 2))
+    for index, (kind, (caption, error)) in enumerate(batch):
+        assert kind == "complete"
+        assert (caption != "" and error == "") if index % 2 == 0 else (caption, error) == ("", app.URL_MESSAGE)
+    assert requested == []
+
+
 def test_bad_input_gets_one_sentence_and_no_path_or_traceback(live, saved_tiny_attention_captioner):
     """Empty, SVG, text, truncated and decompression-bomb files, wrong types and unknown names: each answer is the one
     sentence that says what is wrong, or (for input Gradio itself rejects, with `show_error=False`) an error with no
