@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import io
 import math
 import os
 import secrets
+import socket
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -44,7 +46,7 @@ from PIL import Image
 
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
 from imgcap_hf.data.shapes import write_shapes_examples
-from imgcap_hf.loading import load_captioner
+from imgcap_hf.loading import check_model_folder, load_captioner
 from imgcap_hf.models.imgcap.processing_imgcap import IGNORE_INDEX, caption_labels
 
 # The folder `make demo` trains into; used when no model is named.
@@ -377,23 +379,29 @@ def save_heatmap_files(
     return files
 
 
-class UploadOnlyImage(gr.Image):
-    """Gradio's image input, except that it never downloads: Gradio fetches a file payload whose path is an
-    `http(s)` URL into its cache before the handler runs (with no size or time limit of ours, and for `/caption_batch`
-    a refusal there would fail every request of the batch). Here the URL reaches the handler as it came, and
-    `CaptionService._load` refuses it with one sentence (`URL_MESSAGE`)."""
+def upload_only(image: gr.Image) -> gr.Image:
+    """`image`, made never to download: Gradio fetches a file payload whose path is an `http(s)` URL into its cache
+    before the handler runs (with no size or time limit of ours, and for `/caption_batch` a refusal there would fail
+    every request of the batch). Here the URL reaches the handler as it came, and `CaptionService._load` refuses it
+    with one sentence (`URL_MESSAGE`).
 
-    is_template = True  # as for Gradio's own variants of a component: the page and the API see a plain "image"
+    Gradio moves each input file through the component's `(async_)move_resource_to_block_cache`; these are replaced
+    on this one component, not in a subclass: Gradio writes a `.pyi` stub next to the source of every Component
+    subclass it sees defined.
+    """
+    move_to_cache, async_move_to_cache = image.move_resource_to_block_cache, image.async_move_resource_to_block_cache
 
-    async def async_move_resource_to_block_cache(self, url_or_file_path: str | Path | None) -> str | None:
+    def move_unless_url(url_or_file_path: str | Path | None) -> str | None:
+        return url_or_file_path if is_http_url_like(url_or_file_path) else move_to_cache(url_or_file_path)
+
+    async def async_move_unless_url(url_or_file_path: str | Path | None) -> str | None:
         if is_http_url_like(url_or_file_path):
             return url_or_file_path
-        return await super().async_move_resource_to_block_cache(url_or_file_path)
+        return await async_move_to_cache(url_or_file_path)
 
-    def move_resource_to_block_cache(self, url_or_file_path: str | Path | None) -> str | None:
-        if is_http_url_like(url_or_file_path):
-            return url_or_file_path
-        return super().move_resource_to_block_cache(url_or_file_path)
+    image.move_resource_to_block_cache = move_unless_url
+    image.async_move_resource_to_block_cache = async_move_unless_url
+    return image
 
 
 def _user_error(message: str) -> gr.Error:
@@ -446,7 +454,7 @@ class CaptionService:
         `image` is a path, or Gradio's raw file payload (a dict with the uploaded file's `path` in Gradio's cache): the
         events skip Gradio's preprocessing, which opens every upload with Pillow before the handler runs, so that
         random bytes or a decompression bomb would fail there with an error the user never sees explained. A URL is
-        refused (`UploadOnlyImage` keeps Gradio from downloading it), and a path outside `upload_folder` is refused
+        refused (`upload_only` keeps Gradio from downloading it), and a path outside `upload_folder` is refused
         before the file is touched, with the same message whether it exists or not.
         """
         path = image.get("path") if isinstance(image, dict) else image
@@ -454,7 +462,7 @@ class CaptionService:
             raise _user_error(
                 "No image was given: upload one, take one with the webcam, paste one or pick an example."
             )
-        if is_http_url_like(path):  # what `UploadOnlyImage` left undownloaded
+        if is_http_url_like(path):  # what `upload_only` left undownloaded
             raise _user_error(URL_MESSAGE)
         if self.upload_folder is not None and not (
             isinstance(path, str) and Path(path).resolve().is_relative_to(self.upload_folder)
@@ -588,6 +596,7 @@ def build_demo(
         with gr.Row():
             with gr.Column():
                 image, button = _add_image_input(examples)
+                upload_only(image)
             with gr.Column():
                 results = _add_results()
         first_model = next(iter(captioners.values()), None)
@@ -617,7 +626,7 @@ def _add_header_and_model_choice(captioners: dict[str, Captioner]) -> gr.Dropdow
 
 def _add_image_input(examples: list[tuple[Path, str]]) -> tuple[gr.Image, gr.Button]:
     """The image input (upload, webcam, clipboard), the Caption button and the example images."""
-    image = UploadOnlyImage(
+    image = gr.Image(
         type="filepath",
         image_mode=None,
         sources=["upload", "webcam", "clipboard"],
@@ -694,7 +703,7 @@ def _add_caption_endpoint(
 def _add_batch_endpoint(service: CaptionService) -> None:
     """A second, API-only endpoint that Gradio batches: queued requests are captioned by one `generate` call. Its
     hidden components exist only to carry the API's input and outputs; it skips preprocessing like `/caption`."""
-    batch_image = UploadOnlyImage(type="filepath", image_mode=None, visible=False)
+    batch_image = upload_only(gr.Image(type="filepath", image_mode=None, visible=False))
     batch_caption = gr.Textbox(visible=False)
     batch_error = gr.Textbox(visible=False)
     gr.Button(visible=False).click(
@@ -739,8 +748,19 @@ def serving_threads(available: int) -> int:
     return max(1, available // CONCURRENCY_LIMIT)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _port_number(text: str) -> int:
+    """argparse type of `--port`: a TCP port number."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", action="append", default=None, metavar="DIR_OR_HUB_ID",
         help="A model folder or Hub id; repeat for several. Default: $IMGCAP_MODELS (comma-separated), else "
@@ -751,9 +771,70 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Interface to listen on. Default: $GRADIO_SERVER_NAME, else 127.0.0.1 (this machine only).",
     )  # fmt: skip
     parser.add_argument(
-        "--port", type=int, default=None, help="Default: $GRADIO_SERVER_PORT, else the first free port from 7860."
+        "--port", type=_port_number, default=None,
+        help="Default: $GRADIO_SERVER_PORT, else the first free port from 7860.",
+    )  # fmt: skip
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, checked before anything is loaded: a bad one stops the app with argparse's one-line error and
+    exit status 2 (a port out of range or in use, an address this machine cannot listen on, a model folder that does
+    not exist or lacks a model's files)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    source = "argument --model" if args.model else "IMGCAP_MODELS"
+    for name in resolve_model_paths(args):
+        problem = _model_argument_problem(name)
+        if problem:
+            parser.error(f"{source}: {problem}")
+    problem = _listen_problem(args.host, args.port)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def _model_argument_problem(name: str) -> str | None:
+    """What is wrong with a `--model` value, found without loading it: a local folder must hold a model's files
+    (`check_model_folder`); a name that is not a folder but is spelled as a path (absolute, relative with `.`, `~`,
+    more than one `/`, or under a folder that exists here) must be a typo, since a Hub id is `name` or `owner/name`.
+    Anything else is left to the loader as a Hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        try:
+            check_model_folder(path)
+        except ValueError as error:
+            return str(error)
+        return None
+    if path.exists():
+        return f"not a folder: {name}"
+    parts = name.replace("\\", "/").split("/")
+    spelled_as_path = (
+        path.is_absolute()
+        or name.startswith((".", "~"))
+        or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
     )
-    return parser.parse_args(argv)
+    return f"no such folder: {name}" if spelled_as_path else None
+
+
+def _listen_problem(host: str, port: int | None) -> str | None:
+    """Why the server could not listen on `host` (at `port`, when one is given), found by binding a socket there
+    now: an address of no interface of this machine, or a port that another program holds."""
+    try:
+        addresses = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        return f"argument --host: cannot listen on {host!r} ({error.strerror})"
+    family, kind, protocol, _, address = addresses[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if port is not None and error.errno == errno.EADDRINUSE:
+                return f"argument --port: port {port} is in use on {host}"
+            return f"argument --host: cannot listen on {host!r} ({error.strerror})"
+    return None
 
 
 def resolve_model_paths(args: argparse.Namespace) -> list[str]:
@@ -772,8 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         demo = build_demo(model_paths)
     except (OSError, ValueError) as error:
-        print(f"error: cannot load the model(s) {', '.join(model_paths)}: {error}")
-        return 2
+        build_parser().exit(2, f"app.py: error: cannot load the model(s) {', '.join(model_paths)}: {error}\n")
     torch.set_num_threads(serving_threads(torch.get_num_threads()))
     launch_demo(demo, args.host, args.port)
     return 0

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 
 import app
 from imgcap_hf.batching import ImageCaptionCollator, tokenize_captions
+from imgcap_hf.loading import check_model_folder
 
 # Gradio's queue calls pandas in ways pandas 3 deprecates; nothing this project can change.
 pytestmark = [
@@ -293,9 +294,61 @@ def test_no_model_gives_an_app_that_explains_how_to_get_one(tmp_path, monkeypatc
         app.CaptionService({}).caption(str(tmp_path / "examples" / "grayscale.png"))
 
 
-def test_main_refuses_a_model_that_does_not_exist(tmp_path, capsys):
-    assert app.main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2
-    assert "cannot load the model" in capsys.readouterr().out
+def _folder_problem(folder: str) -> str:
+    """The sentence `check_model_folder` gives for a folder that lacks a model's files."""
+    with pytest.raises(ValueError) as problem:
+        check_model_folder(folder)
+    return str(problem.value)
+
+
+def test_bad_arguments_stop_the_app_with_one_line_before_anything_is_loaded(tmp_path, capsys, monkeypatch):
+    """Each bad argument gets argparse's usage line and one error line, exit status 2, and no model is loaded."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(app, "load_captioners", no_loading)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "empty").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases = {
+            "--port 0": "argument --port: must be a port number from 1 to 65535, not 0",
+            "--port 70000": "argument --port: must be a port number from 1 to 65535, not 70000",
+            "--port http": "argument --port: not a port number: 'http'",
+            f"--port {busy.getsockname()[1]}": f"argument --port: port {busy.getsockname()[1]} is in use on 127.0.0.1",
+            "--host 192.0.2.1": "argument --host: cannot listen on '192.0.2.1' (Cannot assign requested address)",
+            f"--model {tmp_path / 'missing'}": f"argument --model: no such folder: {tmp_path / 'missing'}",
+            "--model outputs/shapes-atention": "argument --model: no such folder: outputs/shapes-atention",
+            "--model ./shapes": "argument --model: no such folder: ./shapes",
+            "--model notes.txt": "argument --model: not a folder: notes.txt",
+            "--model empty": f"argument --model: {_folder_problem('empty')}",
+        }
+        for arguments, message in cases.items():
+            with pytest.raises(SystemExit) as stopped:
+                app.main(arguments.split())
+            assert stopped.value.code == 2, arguments
+            lines = capsys.readouterr().err.splitlines()
+            assert lines[0].startswith("usage: app.py") and lines[-1] == f"app.py: error: {message}", lines
+    monkeypatch.setenv("IMGCAP_MODELS", "hub-user/some-model, outputs/typo")
+    with pytest.raises(SystemExit):
+        app.main([])
+    assert capsys.readouterr().err.splitlines()[-1] == "app.py: error: IMGCAP_MODELS: no such folder: outputs/typo"
+
+
+def test_a_model_that_fails_to_load_stops_the_app_with_one_line(tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "vocab.json"):
+        (folder / name).write_text("{not json")
+    with pytest.raises(SystemExit) as stopped:
+        app.main(["--model", str(folder)])
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"app.py: error: cannot load the model(s) {folder}: "), line
 
 
 # ---------------------------------------------------------------------------------------------------------------------
