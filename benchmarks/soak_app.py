@@ -436,10 +436,14 @@ def main(argv: list[str] | None = None) -> int:
             while time.monotonic() < deadline:
                 traffic.step()
 
+        memory_by_minute = [memory_start]  # resident memory sampled once a minute: growth or a plateau
         with ThreadPoolExecutor(args.clients) as pool:
             futures = [pool.submit(client_loop, index) for index in range(args.clients)]
             while not all(future.done() for future in futures):
-                memory_peak = max(memory_peak, resident_megabytes(process.pid))
+                resident = resident_megabytes(process.pid)
+                memory_peak = max(memory_peak, resident)
+                if time.monotonic() - started >= 60 * len(memory_by_minute):
+                    memory_by_minute.append(resident)
                 time.sleep(1.0)
             for future in futures:
                 future.result()
@@ -470,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"server resident memory: {memory_start:.0f} MB after warm-up, {memory_end:.0f} MB at the end "
-        f"(peak {memory_peak:.0f} MB)"
+        f"(peak {memory_peak:.0f} MB); each minute: {', '.join(f'{mb:.0f}' for mb in memory_by_minute)} MB"
     )
     print(f"server process: {'the same one throughout' if same_server else 'EXITED OR STOPPED ANSWERING'}")
     print(f"server log: {workspace / 'server.log'}")
