@@ -743,8 +743,7 @@ def launch_demo(demo: gr.Blocks, host: str, port: int | None, prevent_thread_loc
 def serving_threads(available: int) -> int:
     """torch's intra-op threads per caption: the `available` threads shared out between the `CONCURRENCY_LIMIT`
     captions that run at once. Each caption using every core would put more busy threads than cores on the machine,
-    and torch's threads wait for each other at every operation: on a busy 2-core machine a tiny model's caption took
-    ten times longer with 2 threads each than with 1."""
+    and torch's threads then wait for each other at every operation."""
     return max(1, available // CONCURRENCY_LIMIT)
 
 
