@@ -11,8 +11,8 @@ Serving defaults, chosen for a public demo: bound to 127.0.0.1 unless told other
 analytics, no flagging (Blocks has none), uploads capped at 10 MB, images at `DEFAULT_MAX_PIXELS`, a bounded queue,
 bounded concurrency, a time limit per caption, decoding parameters clamped to the UI's ranges (API callers can send
 anything), a full queue answered with one "busy" sentence, images opened only from Gradio's upload folder (an API
-caller cannot name a file on the server), and unusable input answered with one sentence (`gr.Error`) while other
-errors stay in the server log.
+caller cannot name a file on the server, nor a URL for the server to download), and unusable input answered with one
+sentence (`gr.Error`) while other errors stay in the server log.
 
 API (`gradio_client`):
 
@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import hashlib
+import io
 import math
 import os
+import secrets
+import socket
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -36,6 +41,7 @@ import numpy as np
 import torch
 from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder
+from gradio_client.utils import is_http_url_like
 from PIL import Image
 
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
@@ -48,7 +54,7 @@ from imgcap_hf.heatmaps import (  # noqa: F401 (DISPLAY_SIDE, OUTSIDE_CROP_BRIGH
     measure_region_centres,
     words_with_attention,
 )
-from imgcap_hf.loading import load_captioner
+from imgcap_hf.loading import check_model_folder, load_captioner, local_model_folder
 from imgcap_hf.models.imgcap.processing_imgcap import IGNORE_INDEX, caption_labels
 
 # The folder `make demo` trains into; used when no model is named.
@@ -79,6 +85,7 @@ MAX_SEED = 2**32 - 1
 HEATMAPS_TITLE = "Where the model looked, word by word (attention models only)"
 BUSY_MESSAGE = "The server is busy with other captions; please try again in a minute."
 NOT_UPLOADED_MESSAGE = "The image must be uploaded with the request; the server does not open files by path."
+URL_MESSAGE = "The image must be uploaded with the request; the server does not download images from URLs."
 NO_MODEL_MESSAGE = (
     "**No captioning model is loaded.** Train the demo model with `make demo` (a few minutes on a CPU; it writes "
     "`outputs/shapes-attention`), or start the app with `python app.py --model DIR_OR_HUB_ID`."
@@ -293,6 +300,64 @@ def _rank_captions(texts: list[str], scores: list[float]) -> tuple[list[tuple[st
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def save_heatmap_files(
+    overlays: list[tuple[Image.Image, str]], folder: str | Path, key: bytes
+) -> list[tuple[str, str]]:
+    """Each (heatmap, word) as (PNG file, word): the files Gradio serves for the gallery.
+
+    Handed PIL images, Gradio writes each one to a path named by its content with a plain write, so two requests with
+    the same answer (the same example clicked twice at once) rewrite one file while the other's response is sending
+    it, and that client gets a truncated file. Handed paths inside its cache folder, Gradio serves the files where
+    they lie. Here each file is named by a keyed hash of its bytes (identical answers share one file, so the disk
+    holds each distinct heatmap once, and nobody who lacks `key` can name someone else's heatmap), written under a
+    unique temporary name and renamed into place: a response that is sending the file keeps the copy it opened,
+    and every copy holds the same bytes. Each request renames its own copy, whose fresh ctime keeps Gradio's hourly
+    cache clean-up from deleting a file that was just handed out again.
+    """
+    files = []
+    for overlay, word in overlays:
+        buffer = io.BytesIO()
+        overlay.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        target = Path(folder) / hashlib.blake2b(data, key=key, digest_size=32).hexdigest() / "heatmap.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, staging = tempfile.mkstemp(dir=target.parent, prefix=".heatmap-", suffix=".png")
+        try:
+            with os.fdopen(descriptor, "wb") as staged:
+                staged.write(data)
+            os.replace(staging, target)
+        except BaseException:
+            Path(staging).unlink(missing_ok=True)
+            raise
+        files.append((str(target), word))
+    return files
+
+
+def upload_only(image: gr.Image) -> gr.Image:
+    """`image`, made never to download: Gradio fetches a file payload whose path is an `http(s)` URL into its cache
+    before the handler runs (with no size or time limit of ours, and for `/caption_batch` a refusal there would fail
+    every request of the batch). Here the URL reaches the handler as it came, and `CaptionService._load` refuses it
+    with one sentence (`URL_MESSAGE`).
+
+    Gradio moves each input file through the component's `(async_)move_resource_to_block_cache`; these are replaced
+    on this one component, not in a subclass: Gradio writes a `.pyi` stub next to the source of every Component
+    subclass it sees defined.
+    """
+    move_to_cache, async_move_to_cache = image.move_resource_to_block_cache, image.async_move_resource_to_block_cache
+
+    def move_unless_url(url_or_file_path: str | Path | None) -> str | None:
+        return url_or_file_path if is_http_url_like(url_or_file_path) else move_to_cache(url_or_file_path)
+
+    async def async_move_unless_url(url_or_file_path: str | Path | None) -> str | None:
+        if is_http_url_like(url_or_file_path):
+            return url_or_file_path
+        return await async_move_to_cache(url_or_file_path)
+
+    image.move_resource_to_block_cache = move_unless_url
+    image.async_move_resource_to_block_cache = async_move_unless_url
+    return image
+
+
 def _user_error(message: str) -> gr.Error:
     """An error whose one-sentence message is shown to the user; the server log gets no traceback for it."""
     return gr.Error(message, print_exception=False)
@@ -305,6 +370,9 @@ class CaptionService:
     generator (`generate` has no per-call generator), so seeded sampling runs one request at a time to stay
     reproducible while other requests run.
 
+    Heatmaps are written as PNG files into `heatmap_folder` (`save_heatmap_files`), by default Gradio's cache folder,
+    where Gradio serves them without copying and deletes them with its other cached files.
+
     `upload_folder`, when given (the served app gives Gradio's), is the only folder images are opened from. Gradio
     checks that a file payload names an uploaded file only when the payload carries its `meta` marker: an API caller
     who sends `{"path": "/any/file.png"}` without it reaches the handler with that path, and would otherwise get any
@@ -316,10 +384,13 @@ class CaptionService:
         captioners: dict[str, Captioner],
         time_limit: float = TIME_LIMIT_SECONDS,
         upload_folder: str | Path | None = None,
+        heatmap_folder: str | Path | None = None,
     ):
         self.captioners = captioners
         self.time_limit = time_limit
         self.upload_folder = Path(upload_folder).resolve() if upload_folder is not None else None
+        self.heatmap_folder = Path(heatmap_folder if heatmap_folder is not None else get_upload_folder()).resolve()
+        self._heatmap_key = secrets.token_bytes(32)
         self._sampling_lock = threading.Lock()
 
     def _captioner(self, label: object) -> Captioner:
@@ -336,14 +407,17 @@ class CaptionService:
 
         `image` is a path, or Gradio's raw file payload (a dict with the uploaded file's `path` in Gradio's cache): the
         events skip Gradio's preprocessing, which opens every upload with Pillow before the handler runs, so that
-        random bytes or a decompression bomb would fail there with an error the user never sees explained. A path
-        outside `upload_folder` is refused before the file is touched, with the same message whether it exists or not.
+        random bytes or a decompression bomb would fail there with an error the user never sees explained. A URL is
+        refused (`upload_only` keeps Gradio from downloading it), and a path outside `upload_folder` is refused
+        before the file is touched, with the same message whether it exists or not.
         """
         path = image.get("path") if isinstance(image, dict) else image
         if path is None:
             raise _user_error(
                 "No image was given: upload one, take one with the webcam, paste one or pick an example."
             )
+        if is_http_url_like(path):  # what `upload_only` left undownloaded
+            raise _user_error(URL_MESSAGE)
         if self.upload_folder is not None and not (
             isinstance(path, str) and Path(path).resolve().is_relative_to(self.upload_folder)
         ):  # resolve() first: `..` and symbolic links cannot lead out of the folder
@@ -366,8 +440,8 @@ class CaptionService:
         temperature: float = DecodingSettings.temperature,
         top_p: float = DecodingSettings.top_p,
         seed: float = DecodingSettings.seed,
-    ) -> tuple[str, list[list[object]], list[tuple[Image.Image, str]]]:
-        """The `/caption` endpoint: (best caption, n-best table rows [caption, score], one heatmap per word)."""
+    ) -> tuple[str, list[list[object]], list[tuple[str, str]]]:
+        """The `/caption` endpoint: (best caption, n-best table rows [caption, score], one heatmap file per word)."""
         captioner = self._captioner(model_label)
         picture = self._load(image, captioner)
         settings = DecodingSettings.clamped(
@@ -384,7 +458,7 @@ class CaptionService:
         overlays = attention_overlays(
             picture, result.word_attention, captioner.processor.image_processor, result.region_centres
         )
-        return result.captions[0][0], table, overlays
+        return result.captions[0][0], table, save_heatmap_files(overlays, self.heatmap_folder, self._heatmap_key)
 
     def caption_batch(self, images: list[str | dict | None]) -> tuple[list[str], list[str]]:
         """The `/caption_batch` endpoint, which Gradio calls with up to `MAX_BATCH_SIZE` queued requests at once.
@@ -478,6 +552,7 @@ def build_demo(
         with gr.Row():
             with gr.Column():
                 image, button = _add_image_input(examples)
+                upload_only(image)
             with gr.Column():
                 results = _add_results()
         first_model = next(iter(captioners.values()), None)
@@ -609,7 +684,7 @@ def _cleared_results() -> tuple[str, list, list]:
 def _add_batch_endpoint(service: CaptionService) -> None:
     """A second, API-only endpoint that Gradio batches: queued requests are captioned by one `generate` call. Its
     hidden components exist only to carry the API's input and outputs; it skips preprocessing like `/caption`."""
-    batch_image = gr.Image(type="filepath", image_mode=None, visible=False)
+    batch_image = upload_only(gr.Image(type="filepath", image_mode=None, visible=False))
     batch_caption = gr.Textbox(visible=False)
     batch_error = gr.Textbox(visible=False)
     gr.Button(visible=False).click(
@@ -659,8 +734,26 @@ def startup_banner(local_url: str, host: str) -> str:
     return f"* Running on {local_url} ({reach}; no public share link). Press Ctrl+C to stop."
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def serving_threads(available: int) -> int:
+    """torch's intra-op threads per caption: the `available` threads shared out between the `CONCURRENCY_LIMIT`
+    captions that run at once. Each caption using every core would put more busy threads than cores on the machine,
+    and torch's threads then wait for each other at every operation."""
+    return max(1, available // CONCURRENCY_LIMIT)
+
+
+def _port_number(text: str) -> int:
+    """argparse type of `--port`: a TCP port number."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model", action="append", default=None, metavar="DIR_OR_HUB_ID",
         help="A model folder or Hub id; repeat for several. Default: $IMGCAP_MODELS (comma-separated), else "
@@ -671,9 +764,59 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Interface to listen on. Default: $GRADIO_SERVER_NAME, else 127.0.0.1 (this machine only).",
     )  # fmt: skip
     parser.add_argument(
-        "--port", type=int, default=None, help="Default: $GRADIO_SERVER_PORT, else the first free port from 7860."
-    )
-    return parser.parse_args(argv)
+        "--port", type=_port_number, default=None,
+        help="Default: $GRADIO_SERVER_PORT, else the first free port from 7860.",
+    )  # fmt: skip
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, checked before anything is loaded: a bad one stops the app with argparse's one-line error and
+    exit status 2 (a port out of range or in use, an address this machine cannot listen on, a model folder that does
+    not exist or lacks a model's files)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    source = "argument --model" if args.model else "IMGCAP_MODELS"
+    for name in resolve_model_paths(args):
+        problem = _model_argument_problem(name)
+        if problem:
+            parser.error(f"{source}: {problem}")
+    problem = _listen_problem(args.host, args.port)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def _model_argument_problem(name: str) -> str | None:
+    """What is wrong with a `--model` value, found without loading it: a local folder (by `local_model_folder`'s
+    rule, so a path typo is not taken for a Hub id) must exist and hold a model's files (`check_model_folder`).
+    A Hub id is left to the loader."""
+    try:
+        folder = local_model_folder(name)
+        if folder is not None:
+            check_model_folder(folder)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _listen_problem(host: str, port: int | None) -> str | None:
+    """Why the server could not listen on `host` (at `port`, when one is given), found by binding a socket there
+    now: an address of no interface of this machine, or a port that another program holds."""
+    try:
+        addresses = socket.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        return f"argument --host: cannot listen on {host!r} ({error.strerror})"
+    family, kind, protocol, _, address = addresses[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if port is not None and error.errno == errno.EADDRINUSE:
+                return f"argument --port: port {port} is in use on {host}"
+            return f"argument --host: cannot listen on {host!r} ({error.strerror})"
+    return None
 
 
 def resolve_model_paths(args: argparse.Namespace) -> list[str]:
@@ -692,8 +835,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         demo = build_demo(model_paths)
     except (OSError, ValueError) as error:
-        print(f"error: cannot load the model(s) {', '.join(model_paths)}: {error}")
-        return 2
+        build_parser().exit(2, f"app.py: error: cannot load the model(s) {', '.join(model_paths)}: {error}\n")
+    torch.set_num_threads(serving_threads(torch.get_num_threads()))
     launch_demo(demo, args.host, args.port)
     return 0
 

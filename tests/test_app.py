@@ -4,6 +4,7 @@ and bad input, then a real browser.
 Everything runs on tiny random models saved by the tests (never on a trained model) and on images the tests draw.
 """
 
+import dataclasses
 import io
 import re
 import socket
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps
 
 import app
 from imgcap_hf.batching import ImageCaptionCollator, tokenize_captions
+from imgcap_hf.loading import check_model_folder
 
 # Gradio's queue calls pandas in ways pandas 3 deprecates; nothing this project can change.
 pytestmark = [
@@ -124,7 +126,8 @@ def test_caption_handler_on_every_image_mode(saved_tiny_captioner, mode_images):
             # One overlay per printed word, labelled with it (spelled out-of-vocabulary words count as one word).
             assert [word for _, word in overlays] == caption.split(), mode
             upright = ImageOps.exif_transpose(Image.open(path))
-            for overlay, _ in overlays:
+            for heatmap_file, _ in overlays:
+                overlay = Image.open(heatmap_file)
                 assert overlay.mode == "RGB" and max(overlay.size) == app.DISPLAY_SIDE
                 assert (overlay.width > overlay.height) == (upright.width > upright.height), mode
         else:
@@ -153,13 +156,22 @@ def test_beam_scores_are_generates_own_scores():
 
 
 def test_seeded_sampling_is_reproducible(saved_tiny_captioner):
-    service = app.CaptionService(app.load_captioners([str(saved_tiny_captioner)]))
+    """The same seed draws the same captions, which are what `caption_image` samples after seeding torch with it;
+    another seed draws others (so the seed and the sampling settings are not ignored)."""
+    captioners = app.load_captioners([str(saved_tiny_captioner)])
+    service = app.CaptionService(captioners)
     path = str(write_mode_images(saved_tiny_captioner.parent / "sampling")["RGB"])
     settings = {"num_beams": 1, "num_captions": 5, "do_sample": True, "temperature": 1.5, "top_p": 1.0}
     first = service.caption(path, None, seed=7, **settings)
     again = service.caption(path, None, seed=7, **settings)
+    other = service.caption(path, None, seed=8, **settings)
     assert first[:2] == again[:2]
     assert 1 <= len(first[1]) <= 5
+    assert other[1] != first[1]
+    torch.manual_seed(7)
+    (captioner,) = captioners.values()
+    expected = app.caption_image(captioner, app.load_image(path), app.DecodingSettings.clamped(seed=7, **settings))
+    assert first[1] == [[text, round(score, 4)] for text, score in expected.captions]
 
 
 def test_words_group_spelled_tokens_like_decoding():
@@ -292,9 +304,61 @@ def test_no_model_gives_an_app_that_explains_how_to_get_one(tmp_path, monkeypatc
         app.CaptionService({}).caption(str(tmp_path / "examples" / "grayscale.png"))
 
 
-def test_main_refuses_a_model_that_does_not_exist(tmp_path, capsys):
-    assert app.main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2
-    assert "cannot load the model" in capsys.readouterr().out
+def _folder_problem(folder: str) -> str:
+    """The sentence `check_model_folder` gives for a folder that lacks a model's files."""
+    with pytest.raises(ValueError) as problem:
+        check_model_folder(folder)
+    return str(problem.value)
+
+
+def test_bad_arguments_stop_the_app_with_one_line_before_anything_is_loaded(tmp_path, capsys, monkeypatch):
+    """Each bad argument gets argparse's usage line and one error line, exit status 2, and no model is loaded."""
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(app, "load_captioners", no_loading)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "empty").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cases = {
+            "--port 0": "argument --port: must be a port number from 1 to 65535, not 0",
+            "--port 70000": "argument --port: must be a port number from 1 to 65535, not 70000",
+            "--port http": "argument --port: not a port number: 'http'",
+            f"--port {busy.getsockname()[1]}": f"argument --port: port {busy.getsockname()[1]} is in use on 127.0.0.1",
+            "--host 192.0.2.1": "argument --host: cannot listen on '192.0.2.1' (Cannot assign requested address)",
+            f"--model {tmp_path / 'missing'}": f"argument --model: no such folder: {tmp_path / 'missing'}",
+            "--model outputs/shapes-atention": "argument --model: no such folder: outputs/shapes-atention",
+            "--model ./shapes": "argument --model: no such folder: ./shapes",
+            "--model notes.txt": "argument --model: not a folder: notes.txt",
+            "--model empty": f"argument --model: {_folder_problem('empty')}",
+        }
+        for arguments, message in cases.items():
+            with pytest.raises(SystemExit) as stopped:
+                app.main(arguments.split())
+            assert stopped.value.code == 2, arguments
+            lines = capsys.readouterr().err.splitlines()
+            assert lines[0].startswith("usage: app.py") and lines[-1] == f"app.py: error: {message}", lines
+    monkeypatch.setenv("IMGCAP_MODELS", "hub-user/some-model, outputs/typo")
+    with pytest.raises(SystemExit):
+        app.main([])
+    assert capsys.readouterr().err.splitlines()[-1] == "app.py: error: IMGCAP_MODELS: no such folder: outputs/typo"
+
+
+def test_a_model_that_fails_to_load_stops_the_app_with_one_line(tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "vocab.json"):
+        (folder / name).write_text("{not json")
+    with pytest.raises(SystemExit) as stopped:
+        app.main(["--model", str(folder)])
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"app.py: error: cannot load the model(s) {folder}: "), line
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,8 +376,10 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     """The app on 127.0.0.1 with both tiny decoders, launched with the production settings; closed afterwards."""
     directories = []
-    for decoder_type in ("attention", "pooled"):
-        model, processor = build_tiny_captioner(decoder_type)
+    # Seed 4 gives the attention model captions that differ from picture to picture (seed 0 says "l" to nearly
+    # everything), so that an answer delivered to the wrong request is noticed.
+    for decoder_type, seed in (("attention", 4), ("pooled", 0)):
+        model, processor = build_tiny_captioner(decoder_type, seed=seed)
         directory = tmp_path_factory.mktemp(f"app-{decoder_type}")
         model.generation_config.update(max_new_tokens=8, num_beams=2)
         model.save_pretrained(directory)
@@ -321,6 +387,7 @@ def server(tmp_path_factory):
         directories.append(str(directory))
     demo = app.build_demo(directories, examples_dir=tmp_path_factory.mktemp("app-examples"))
     demo.model_labels = [f"{kind} ({Path(path).name})" for kind, path in zip(("attention", "pooled"), directories)]
+    demo.model_directories = directories
     app.launch_demo(demo, "127.0.0.1", _free_port(), prevent_thread_lock=True)
     try:
         yield demo
@@ -406,28 +473,69 @@ def test_server_clamps_out_of_range_parameters(server, client, mode_images):
         _caption(client, mode_images["RGB"], "no such model")
 
 
-def test_server_answers_concurrent_requests(client, mode_images):
-    paths = list(mode_images.values()) + list(mode_images.values())[:1]
+def _pictures_with_distinct_captions(
+    model_dir: str, settings: app.DecodingSettings, count: int, directory: Path
+) -> list[tuple[Path, app.CaptionResult]]:
+    """`count` picture files whose captions under `settings` differ from each other, each with its `caption_image`
+    result: the expected answer, computed in-process."""
+    (captioner,) = app.load_captioners([model_dir]).values()
+    directory.mkdir(parents=True, exist_ok=True)
+    chosen, captions = [], set()
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        pixels = np.full((40, 48, 3), rng.integers(0, 256, size=3), np.uint8)
+        for _ in range(3):
+            top, left = rng.integers(0, 30), rng.integers(0, 38)
+            pixels[top : top + rng.integers(4, 16), left : left + rng.integers(4, 16)] = rng.integers(0, 256, size=3)
+        path = directory / f"scene_{seed}.png"
+        Image.fromarray(pixels).save(path)
+        result = app.caption_image(captioner, app.load_image(path), settings)
+        if result.captions[0][0] not in captions:
+            captions.add(result.captions[0][0])
+            chosen.append((path, result))
+            if len(chosen) == count:
+                return chosen
+    raise AssertionError(f"only {len(chosen)} different captions: {captions}")
+
+
+def test_server_answers_concurrent_requests(server, client, tmp_path):
+    """Eight requests at once, six pictures (two sent twice): each answer is its own picture's caption and table,
+    and the six pictures have six different captions, so a swapped answer is noticed."""
     from gradio_client import handle_file
 
-    jobs = [client.submit(handle_file(str(path)), api_name="/caption") for path in paths]
+    settings = app.DecodingSettings(num_beams=2, max_new_tokens=8, num_captions=2)
+    pictures = _pictures_with_distinct_captions(server.model_directories[0], settings, 6, tmp_path)
+    requests = pictures + pictures[:2]
+    arguments = (server.model_labels[0], settings.num_beams, settings.max_new_tokens, 1.0, settings.num_captions)
+    jobs = [client.submit(handle_file(str(path)), *arguments, api_name="/caption") for path, _ in requests]
     results = [job.result(timeout=60) for job in jobs]
-    assert len(results) == 8 and all(caption for caption, _, _ in results)
+    for (path, expected), (caption, table, gallery) in zip(requests, results):
+        assert caption == expected.captions[0][0], path.name
+        assert table["data"] == [[text, round(score, 4)] for text, score in expected.captions], path.name
+        assert len(gallery) == len(caption.split()), path.name
 
 
-def test_batched_endpoint_answers_each_request(server, client, mode_images, tmp_path):
+def test_batched_endpoint_answers_each_request(server, client, tmp_path):
+    """Four good pictures with four different captions and a truncated file, sent at once: each good one gets the
+    caption that the first model's saved settings (beam search, as the main endpoint) give its own picture, the bad
+    one its sentence."""
     from gradio_client import handle_file
 
+    (captioner,) = app.load_captioners([server.model_directories[0]]).values()
+    settings = dataclasses.replace(app.model_defaults(captioner), num_captions=1)
+    good = _pictures_with_distinct_captions(server.model_directories[0], settings, 4, tmp_path / "good")
     truncated = write_bad_files(tmp_path)["truncated"]
-    paths = [mode_images["RGB"], truncated, mode_images["P"], mode_images["EXIF-6"]]
-    with ThreadPoolExecutor(len(paths)) as pool:
-        results = list(pool.map(lambda path: client.predict(handle_file(str(path)), api_name="/caption_batch"), paths))
-    for path, (caption, error) in zip(paths, results):
-        if path == truncated:
+    requests = [good[0], (truncated, None), *good[1:]]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(
+            pool.map(lambda request: client.predict(handle_file(str(request[0])), api_name="/caption_batch"), requests)
+        )
+    for (path, expected), (caption, error) in zip(requests, results):
+        if expected is None:
             assert caption == "" and error.startswith(BAD_FILE_MESSAGES["truncated"])
         else:
-            assert caption and error == ""
-    single = _caption(client, mode_images["RGB"], server.model_labels[0], 2, 8, 1.0, 1)[0]
+            assert (caption, error) == (expected.captions[0][0], ""), path.name
+    single = _caption(client, good[0][0], server.model_labels[0], 2, 8, 1.0, 1)[0]
     assert results[0][0] == single  # the same beam search as the main endpoint with the model's settings
 
 

@@ -157,13 +157,17 @@ def assert_no_leak(message: object, *private: object) -> None:
 
 @pytest.fixture(scope="module")
 def live(saved_tiny_attention_captioner, tmp_path_factory):
-    """The app on 127.0.0.1 with the tiny attention model, launched with the production settings."""
+    """The app on 127.0.0.1 with the tiny attention model, launched with the production settings, and torch's threads
+    shared out between the concurrent captions as `python app.py` does (`serving_threads`)."""
     demo = app.build_demo([str(saved_tiny_attention_captioner)], examples_dir=tmp_path_factory.mktemp("examples"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(app.serving_threads(threads))
     app.launch_demo(demo, "127.0.0.1", _free_port(), prevent_thread_lock=True)
     try:
         yield demo
     finally:
         demo.close()
+        torch.set_num_threads(threads)
 
 
 def test_installed_gradio_has_no_published_file_access_advisories():
@@ -230,6 +234,67 @@ def test_flood_beyond_the_queue_gets_busy_answers_and_every_other_request_its_ow
             assert kind == "complete", (index, outputs)
             assert outputs[0] == expected[index], index
     assert _call(url, "caption", _caption_arguments(uploads[0]))[1][0] == expected[0]  # and it still serves
+
+
+def _expected_answers(model_dir: Path, pictures: list[bytes], settings: "app.DecodingSettings") -> list[tuple]:
+    """What `/caption` must answer for each picture, computed in-process with `caption_image` and
+    `attention_overlays`: (caption, table rows, heatmap pixel arrays). The heatmaps are drawn over the picture, so
+    an answer delivered to another picture's request never matches."""
+    (captioner,) = app.load_captioners([str(model_dir)]).values()
+    answers = []
+    for picture in pictures:
+        image = load_image(picture)
+        result = app.caption_image(captioner, image, settings)
+        overlays = app.attention_overlays(image, result.word_attention, captioner.processor.image_processor)
+        table = [[text, round(score, 4)] for text, score in result.captions]
+        answers.append((result.captions[0][0], table, [np.asarray(overlay) for overlay, _ in overlays]))
+    return answers
+
+
+def _download_heatmaps(gallery: list[dict]) -> list[np.ndarray]:
+    """Every gallery file of one answer, fetched whole (the server's Content-Length honoured) and decoded."""
+    heatmaps = []
+    for item in gallery:
+        response = httpx.get(item["image"]["url"], timeout=30)
+        assert response.status_code == 200, response.text
+        heatmaps.append(np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")))
+    return heatmaps
+
+
+def test_identical_and_distinct_concurrent_requests_each_get_their_whole_answer(live, saved_tiny_attention_captioner):
+    """`FLOOD` requests, at most `QUEUE_MAX_SIZE` in flight so that none is turned away, spread over three pictures
+    (an example clicked by many visitors at once): every one gets its picture's caption, table and heatmaps, and every
+    heatmap file downloads whole and decodes to the pixels drawn in-process. Handed PIL images, Gradio writes each to
+    a path named by its content with a plain write, so identical answers rewrite one file while another response is
+    sending it (the client gets "peer closed connection", the server logs "Too little data for declared
+    Content-Length"): with PIL images in the answer, a few of these requests fail on every run here."""
+    url = live.local_url
+    settings = app.DecodingSettings(num_beams=1, max_new_tokens=2, num_captions=1)  # two heatmaps per answer
+    pictures = [_picture(400 + index) for index in range(3)]
+    expected = _expected_answers(saved_tiny_attention_captioner, pictures, settings)
+    uploads = [_upload(url, f"scene_{index}.png", picture) for index, picture in enumerate(pictures)]
+
+    def request(index: int) -> tuple[str, object, list[np.ndarray]]:
+        arguments = [uploads[index % len(pictures)], None, 1, settings.max_new_tokens, 1.0, 1, False, 1.0, 0.9, 0]
+        kind, outputs = _call(url, "caption", arguments)
+        if kind != "complete":
+            return kind, outputs, []
+        try:
+            return kind, outputs, _download_heatmaps(outputs[2])
+        except (httpx.TransportError, OSError) as error:  # a truncated body, or bytes that do not decode
+            return "broken file", repr(error), []
+
+    with ThreadPoolExecutor(app.QUEUE_MAX_SIZE) as pool:
+        answers = list(pool.map(request, range(FLOOD)))
+    failures = [(index, kind, outputs) for index, (kind, outputs, _) in enumerate(answers) if kind != "complete"]
+    assert failures == []
+    for index, (_, (caption, table, gallery), heatmaps) in enumerate(answers):
+        expected_caption, expected_table, expected_heatmaps = expected[index % len(pictures)]
+        assert caption == expected_caption and table["data"] == expected_table, index
+        assert [item["caption"] for item in gallery] == caption.split(), index
+        assert len(heatmaps) == len(expected_heatmaps), index
+        for heatmap, drawn in zip(heatmaps, expected_heatmaps):
+            np.testing.assert_array_equal(heatmap, drawn)
 
 
 def test_file_route_serves_uploads_and_nothing_else(live, saved_tiny_attention_captioner, tmp_path):
@@ -358,6 +423,65 @@ def test_endpoints_open_only_uploaded_files(live, tmp_path):
     (examples,) = [block for block in config["components"] if block["type"] == "dataset"]
     example = examples["props"]["samples"][0][0]
     assert _call(url, "caption", _caption_arguments({"path": example["path"], **FILE_META}))[0] == "complete"
+
+
+@pytest.fixture
+def image_server():
+    """A plain HTTP server on 127.0.0.1 that serves a picture at any path and records each request: (URL, paths)."""
+    import http.server
+
+    picture, requested = _picture(7), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(picture)))
+            self.end_headers()
+            self.wfile.write(picture)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/photo.png", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_endpoints_refuse_image_urls_and_download_nothing(live, image_server, tmp_path, monkeypatch):
+    """A file payload whose path is an `http(s)` URL: Gradio downloads it before any handler runs, whole and with no
+    size limit, when its SSRF guard takes the host for a public one. The test lets 127.0.0.1 pass as public (the
+    control: Gradio's own download then fetches from the local server), and both endpoints must answer with the
+    one sentence and fetch nothing, with or without the `meta` marker. Uploads still work, also in a batch beside
+    a URL."""
+    from gradio import processing_utils
+
+    url = live.local_url
+    image_url, requested = image_server
+    whitelist = [*processing_utils.PUBLIC_HOSTNAME_WHITELIST, "127.0.0.1"]
+    monkeypatch.setattr(processing_utils, "PUBLIC_HOSTNAME_WHITELIST", whitelist)
+    control = processing_utils.ssrf_protected_download(f"{image_url}?control", str(tmp_path))
+    assert Path(control).read_bytes() == _picture(7) and requested == ["/photo.png?control"]
+
+    requested.clear()
+    for image in ({"path": image_url, **FILE_META}, {"path": image_url}, {"path": image_url, "url": image_url}):
+        assert _call(url, "caption", _caption_arguments(image)) == ("error", app.URL_MESSAGE), image
+        assert _call(url, "caption_batch", [image]) == ("complete", ["", app.URL_MESSAGE]), image
+    assert requested == []
+
+    good = _upload(url, "photo.png", _picture(7))
+    assert _call(url, "caption", _caption_arguments(good))[0] == "complete"
+    with ThreadPoolExecutor(4) as pool:
+        batch = list(pool.map(lambda image: _call(url, "caption_batch", [image]), [good, {"path": image_url}] * 2))
+    for index, (kind, (caption, error)) in enumerate(batch):
+        assert kind == "complete"
+        assert (caption != "" and error == "") if index % 2 == 0 else (caption, error) == ("", app.URL_MESSAGE)
+    assert requested == []
 
 
 def test_bad_input_gets_one_sentence_and_no_path_or_traceback(live, saved_tiny_attention_captioner):
