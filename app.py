@@ -204,15 +204,19 @@ class DecodingSettings:
 
 
 def model_defaults(captioner: Captioner | None) -> DecodingSettings:
-    """The UI's starting values: the model's saved generation config where it has one, clamped to the UI's ranges."""
+    """The UI's starting values: the model's saved generation config where it has one, clamped to the UI's ranges.
+
+    A saved beam width counts only when it asks for beam search: train.py saves greedy defaults (so that a user's
+    `generate(do_sample=True)` samples), and the app's n-best table needs beams, so greedy leaves the app's own."""
     if captioner is None:
         return DecodingSettings()
     config = captioner.model.generation_config
+    num_beams = config.num_beams if (config.num_beams or 1) > 1 else DecodingSettings.num_beams
     return DecodingSettings.clamped(
-        num_beams=config.num_beams,
+        num_beams=num_beams,
         max_new_tokens=config.max_new_tokens or DecodingSettings.max_new_tokens,
         length_penalty=config.length_penalty,
-        num_captions=min(DecodingSettings.num_captions, config.num_beams or 1),
+        num_captions=min(DecodingSettings.num_captions, num_beams),
     )
 
 

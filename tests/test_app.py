@@ -230,6 +230,17 @@ def test_app_labels_are_the_processors_and_the_training_batches():
     assert torch.equal(app._labels_from_sequences(torch.tensor(eos_padded), model.config), expected)
 
 
+def test_the_app_opens_at_beam_search_unless_the_model_saved_a_beam_width(saved_tiny_attention_captioner):
+    """train.py saves greedy generation defaults (num_beams=1) so that users' `generate()` calls do what they ask;
+    the app still opens with beam search and its n-best table, and honours a saved beam width above one."""
+    (captioner,) = app.load_captioners([str(saved_tiny_attention_captioner)]).values()
+    captioner.model.generation_config.update(num_beams=1)
+    greedy_saved = app.model_defaults(captioner)
+    assert (greedy_saved.num_beams, greedy_saved.num_captions) == (app.DecodingSettings.num_beams, 3)
+    captioner.model.generation_config.update(num_beams=2)
+    assert (app.model_defaults(captioner).num_beams, app.model_defaults(captioner).num_captions) == (2, 2)
+
+
 def test_out_of_range_settings_are_clamped():
     settings = app.DecodingSettings.clamped(
         num_beams=500, max_new_tokens=10**6, length_penalty="long", num_captions=99, do_sample=False,
