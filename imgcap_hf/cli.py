@@ -28,7 +28,7 @@ from .loading import load_captioner, local_model_folder
 from .models.imgcap.image_processing_imgcap import load_image
 from .scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
 
-DATASET_NAMES = ("shapes", "flickr30k")
+DATASET_NAMES = ("shapes", "scenes", "flickr30k")
 
 
 # Argument types: each turns a bad value into argparse's one-line usage error (exit status 2) before anything loads.
@@ -56,7 +56,7 @@ def model_name_or_path(text: str) -> str:
 def dataset_name_or_path(text: str) -> str:
     if text not in DATASET_NAMES and not Path(text).expanduser().is_dir():
         raise argparse.ArgumentTypeError(
-            f"no such folder: {text} (the dataset is 'shapes', 'flickr30k' or a folder of captioned images)"
+            f"no such folder: {text} (the dataset is 'shapes', 'scenes', 'flickr30k' or a folder of captioned images)"
         )
     return text
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         required=True,
         type=dataset_name_or_path,
-        help="'shapes', 'flickr30k', or a Kaggle/imagefolder path.",
+        help="'shapes', 'scenes', 'flickr30k', or a Kaggle/imagefolder path.",
     )
     evaluate.add_argument("--split", choices=["train", "validation", "test"], default="test")
     evaluate.add_argument("--karpathy_json", type=existing_file, default=None)
@@ -175,7 +175,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 2
     model, processor = load_captioner(args.model, args.device)
     crop = processor.image_processor.crop_size
-    # The shapes set is drawn at the size the model was trained on.
+    # The synthetic sets are drawn at the size the model was trained on.
     shapes_kwargs = {"num_train": 0, "image_size": crop["height"] if isinstance(crop, dict) else crop.height}
     splits, report = load_caption_dataset(args.dataset, karpathy_json=args.karpathy_json, shapes_kwargs=shapes_kwargs)
     split = splits[args.split]

@@ -90,11 +90,13 @@ class RunRecords:
 
     @property
     def layout(self) -> str:
-        """How the data was read: shapes, hub-flickr30k, kaggle-flickr30k or imagefolder (see imgcap_hf.data)."""
+        """How the data was read: shapes, scenes, hub-flickr30k, kaggle-flickr30k or imagefolder (imgcap_hf.data)."""
         dataset = self.training_args.get("dataset")
-        return self.data_report.get("layout") or {"shapes": "shapes", "flickr30k": "hub-flickr30k"}.get(
-            dataset, "imagefolder"
-        )
+        return self.data_report.get("layout") or {
+            "shapes": "shapes",
+            "scenes": "scenes",
+            "flickr30k": "hub-flickr30k",
+        }.get(dataset, "imagefolder")
 
 
 def read_json(model_dir: Path, name: str) -> dict[str, Any]:
@@ -272,6 +274,17 @@ def dataset_facts(records: RunRecords) -> dict[str, Any]:
             "those and nothing else, and describes any photograph as shapes. Its scores are not comparable with "
             "Flickr30k or COCO results.",
         }
+    if records.layout == "scenes":
+        return {
+            "hub_id": None,
+            "name": "ImgCap synthetic scenes",
+            "type": "imgcap-scenes",
+            "description": "the built-in synthetic scenes set: groups of coloured objects on textured backgrounds, "
+            "captioned by five simulated annotators, drawn by `imgcap_hf.data`",
+            "limits": "It has only seen synthetic pictures of coloured objects on patterned backgrounds: it captions "
+            "those and nothing else, and describes any photograph as such objects. Its scores are not comparable "
+            "with Flickr30k or COCO results.",
+        }
     if records.layout == "hub-flickr30k":
         return {
             "hub_id": "nlphuji/flickr30k",
@@ -333,7 +346,7 @@ def card_metadata(
         for key, kind, name in metrics
     ]
     tags = ["custom_code", "image-captioning", "imgcap", DECODERS[decoder_type][0], f"{decoder_type}-decoder"]
-    if records.layout == "shapes":
+    if records.layout in ("shapes", "scenes"):
         tags.append("synthetic-data")
     return ModelCardData(
         language=[records.training_args.get("lang", "en")],

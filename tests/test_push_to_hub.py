@@ -492,3 +492,16 @@ def test_a_missing_model_dir_is_a_usage_error_before_the_login_check(tmp_path, m
         assert exit_info.value.code == 2
         error = capsys.readouterr().err
         assert "Traceback" not in error and error.strip().splitlines()[-1].endswith(message)
+
+
+@pytest.mark.parametrize("dataset", ["shapes", "scenes"])
+def test_a_synthetic_set_is_named_as_itself_on_the_card(dataset):
+    """A model trained on a built-in synthetic set is described as that set (not as a private image folder), with
+    the synthetic-data limits, whether its layout comes from data_report.json or only from the --dataset name."""
+    from imgcap_hf.publishing import RunRecords, dataset_facts
+
+    for data_report in ({"layout": dataset}, {}):
+        records = RunRecords(results={}, training_args={"dataset": dataset}, data_report=data_report, config={})
+        facts = dataset_facts(records)
+        assert (facts["name"], facts["type"]) == (f"ImgCap synthetic {dataset}", f"imgcap-{dataset}")
+        assert "not comparable with" in facts["limits"]
