@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # Train the attention captioner on the built-in shapes set (CPU, a few minutes), score it on the test split,
 # then caption example images it never saw.
 demo: install
-	$(BIN)/python train.py
+	$(BIN)/python train.py --overwrite_output_dir
 	$(BIN)/python -m imgcap_hf evaluate --model outputs/shapes-attention --dataset shapes --split test
 	$(BIN)/python -c "from imgcap_hf.data import write_shapes_examples; write_shapes_examples('outputs/examples')"
 	$(BIN)/python -m imgcap_hf caption --model outputs/shapes-attention outputs/examples/*.png
