@@ -368,7 +368,7 @@ def earlier_run(folder: Path) -> dict[str, bytes]:
     """What a finished run leaves (by hand: its files' content does not matter here), as `files_under` sees it."""
     (folder / "checkpoints" / "checkpoint-4").mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"the earlier run's weights")
-    for name in train.RECORD_FILES:
+    for name in ("training_args.json", "data_report.json", "test_samples.json", "all_results.json"):
         (folder / name).write_text(json.dumps({"per_device_train_batch_size": 32}))
     (folder / "checkpoints" / "checkpoint-4" / "checkpoint.json").write_text("{}")
     return files_under(folder)

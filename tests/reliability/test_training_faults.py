@@ -1,8 +1,9 @@
 """Training under faults: killed runs resume bit-exactly, interrupted or foreign checkpoints are skipped or refused
 (never unpickled), a full or unwritable disk is reported clearly, non-finite losses stop cleanly, seeds reproduce.
 
-Faults are made for real: a SIGKILLed `python train.py`, a file-size limit (RLIMIT_FSIZE) that makes the kernel refuse
-checkpoint writes, a folder whose parent is a file, a learning rate that makes the loss overflow."""
+Faults are made for real: a training process SIGKILLed in the middle of a checkpoint write, a file-size limit
+(RLIMIT_FSIZE) that makes the kernel refuse checkpoint writes, a folder whose parent is a file, a learning rate that
+makes the loss overflow."""
 
 import json
 import os
@@ -288,7 +289,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     for args in (tiny_args(killed, "attention", *common, "--resume_from_checkpoint", "latest"),
                  tiny_args(straight, "attention", *common)):  # fmt: skip
         run = train_script(*args)
-        outputs.append(run.communicate(timeout=300)[0])
+        outputs.append(run.communicate(timeout=600)[0])
         assert run.returncode == 0, outputs[-1][-3000:]
 
     resumed_output = outputs[0]
