@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # Train the attention captioner on the built-in shapes set (CPU, a few minutes; train.py also scores it on the test
 # split), print those test metrics from all_results.json, then caption example images it never saw.
 demo: install
-	$(BIN)/python train.py
+	$(BIN)/python train.py --overwrite_output_dir
 	@$(BIN)/python -c "import json; results = json.load(open('outputs/shapes-attention/all_results.json')); \
 	print('Test split:', json.dumps({k[5:]: v for k, v in results.items() if k.startswith('test_')}))"
 	$(BIN)/python -c "from imgcap_hf.data import write_shapes_examples; write_shapes_examples('outputs/examples')"

@@ -37,7 +37,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from huggingface_hub.errors import StrictDataclassError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedConfig, get_scheduler
+from transformers import PreTrainedConfig, SchedulerType, get_scheduler
 
 from imgcap_hf import (
     ImgCapConfig,
@@ -49,8 +49,11 @@ from imgcap_hf import (
     publishing,
 )
 from imgcap_hf.batching import ImageCaptionCollator, encode_images, image_inputs, tokenize_captions
-from imgcap_hf.data import load_caption_dataset
+from imgcap_hf.data import NAMED_DATASETS, load_caption_dataset
+from imgcap_hf.data.imagefolder import METADATA_FILE, is_imagefolder
+from imgcap_hf.data.kaggle_flickr30k import KAGGLE_CAPTIONS_FILE, is_kaggle_flickr30k
 from imgcap_hf.evaluation import evaluate_split
+from imgcap_hf.loading import local_model_folder
 from imgcap_hf.scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
 
 logger = get_logger(__name__)
@@ -58,7 +61,13 @@ logger = get_logger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_attention.yaml"
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"  # one JSON line per optimizer step: step, epoch, loss, lr
+LOGGING_DIR = "runs"  # the trackers' (TensorBoard's) logs
 BEST_MODEL_DIR = "best_model"
+FINAL_WEIGHTS = "model.safetensors"
+# The run's records: written with the final model only, so that they always describe the weights beside them.
+RECORD_FILES = ("training_args.json", "data_report.json", "test_samples.json", "all_results.json")
+FINAL_STAGING = ".final-model.tmp"  # the final model and its records, before they are moved into the folder
+EARLIER_RUN_TRASH = ".earlier-run.deleting"  # an earlier run being removed by --overwrite_output_dir
 
 
 # ====================================================================================================================
@@ -67,11 +76,17 @@ BEST_MODEL_DIR = "best_model"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [--config RECIPE.yaml] [--FLAG VALUE ...]   (--help lists the flags)",
+    )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML recipe whose keys are the flags below.")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="shapes", help="'shapes', 'flickr30k', or a Kaggle/imagefolder path.")
+    data.add_argument(
+        "--dataset", default="shapes", help="'shapes', 'scenes', 'flickr30k', or a Kaggle/imagefolder path."
+    )
     data.add_argument("--karpathy_json", default=None, help="dataset_flickr30k.json for the Kaggle layout's split.")
     data.add_argument("--shapes_num_train", type=int, default=3000, help="Training images of the shapes set.")
     data.add_argument("--shapes_num_eval", type=int, default=300, help="Validation and test images of shapes.")
@@ -104,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", default="outputs/shapes-attention")
+    training.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Replace the earlier run that --output_dir holds (its model, records, best model and checkpoints); "
+        "without it such a folder is refused, unless --resume_from_checkpoint continues that run.",
+    )
     training.add_argument("--per_device_train_batch_size", type=int, default=32, help="Images per batch (x captions).")
     training.add_argument("--per_device_eval_batch_size", type=int, default=64)
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -111,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--weight_decay", type=float, default=1e-4)
     training.add_argument("--num_train_epochs", type=int, default=10)
     training.add_argument("--max_train_steps", type=int, default=None, help="Overrides num_train_epochs.")
-    training.add_argument("--lr_scheduler_type", default="cosine", help="transformers' get_scheduler name.")
+    training.add_argument(
+        "--lr_scheduler_type",
+        default="cosine",
+        choices=[scheduler.value for scheduler in SchedulerType],
+        help="transformers' get_scheduler name.",
+    )
     training.add_argument("--num_warmup_steps", type=int, default=0)
     training.add_argument("--max_grad_norm", type=float, default=1.0)
     training.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
@@ -124,9 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False)
     training.add_argument("--seed", type=int, default=42)
     training.add_argument("--checkpointing_steps", default="epoch", help="An integer, 'epoch', or 'no'.")
-    training.add_argument("--checkpoints_total_limit", type=int, default=2)
+    training.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the newest N (0: all).")
     training.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
     training.add_argument("--max_consecutive_nonfinite", type=int, default=5, help="Stop after this many in a row.")
+    training.add_argument(
+        "--logging_steps",
+        type=int,
+        default=50,
+        help="Where the output is not a terminal (a log file, a pipe): one log line every N optimizer steps instead "
+        "of a progress bar.",
+    )
     training.add_argument("--with_tracking", action="store_true", help="Log to --report_to (TensorBoard).")
     training.add_argument("--report_to", default="tensorboard")
 
@@ -170,8 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--config {config_path}: unknown keys {unknown}")
         parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
-    if args.checkpointing_steps not in ("epoch", "no") and not str(args.checkpointing_steps).isdigit():
-        parser.error("--checkpointing_steps must be an integer, 'epoch' or 'no'")
+    check_flag_values(parser, args)
     if args.push_to_hub:  # checked now, not when training is over
         if not publishing.is_repo_id(args.hub_model_id):
             parser.error(f"--push_to_hub needs --hub_model_id USER/NAME, got {args.hub_model_id!r}")
@@ -194,6 +226,85 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if isinstance(value, str | int | float | bool):  # sub-configs stay as the mappings the flags gave
             setattr(args, name, getattr(config, name))
     return args
+
+
+# The smallest value of each flag that counts something; a flag left unset (None) is not checked. Recipes set values
+# without argparse's type conversion, so the checks below also catch a float or a string where a count belongs.
+COUNT_MINIMUMS = {
+    "shapes_num_train": 1, "shapes_num_eval": 1, "max_train_samples": 1, "max_eval_samples": 1, "image_size": 1,
+    "min_word_frequency": 1, "max_caption_length": 2, "dataloader_num_workers": 0, "per_device_train_batch_size": 1,
+    "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1, "num_train_epochs": 1, "max_train_steps": 1,
+    "num_warmup_steps": 0, "checkpoints_total_limit": 0, "max_consecutive_nonfinite": 1, "logging_steps": 1,
+    "num_beams": 1, "max_new_tokens": 1,
+}  # fmt: skip
+LARGEST_SEED = 2**32 - 1  # numpy's generator, which set_seed also seeds, takes no more
+
+
+def check_flag_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every numeric and path flag, checked before anything is loaded, written or trained: a bad value stops the run
+    with argparse's one-line error (exit status 2) instead of a traceback once the data is generated."""
+    for name, smallest in COUNT_MINIMUMS.items():
+        value = getattr(args, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < smallest):
+            kind = "a positive integer" if smallest == 1 else f"an integer >= {smallest}"
+            parser.error(f"--{name} must be {kind}, got {value!r}")
+    if not isinstance(args.seed, int) or not 0 <= args.seed <= LARGEST_SEED:
+        parser.error(f"--seed must be an integer from 0 to {LARGEST_SEED}, got {args.seed!r}")
+    for name, low, high, low_included in (
+        ("learning_rate", 0.0, math.inf, False),
+        ("weight_decay", 0.0, math.inf, True),
+        ("max_grad_norm", 0.0, math.inf, False),
+        ("crop_pct", 0.0, 1.0, False),
+        ("length_penalty", -math.inf, math.inf, True),
+    ):
+        value = getattr(args, name)
+        above_low = value >= low if low_included else value > low
+        if not isinstance(value, int | float) or not math.isfinite(value) or not above_low or value > high:
+            bounds = f"{'>=' if low_included else '>'} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+            parser.error(f"--{name} must be a finite number {bounds}, got {value!r}")
+    checkpointing_steps = str(args.checkpointing_steps)
+    if checkpointing_steps not in ("epoch", "no") and not (checkpointing_steps.isdigit() and int(checkpointing_steps)):
+        parser.error(f"--checkpointing_steps must be a positive integer, 'epoch' or 'no', got {checkpointing_steps!r}")
+    check_path_flags(parser, args)
+    if args.feature_cache == "on" and not args.freeze_encoder:
+        parser.error("--feature_cache on needs --freeze_encoder: a trained encoder changes its features")
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error(
+            "--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: give only one"
+        )
+    try:  # the tokenizer's own checks of its settings (the vocabulary holds at least the letters; spaCy knows --lang)
+        ImgCapTokenizer.from_captions([], vocab_size=args.vocab_size, min_frequency=args.min_word_frequency,
+                                      lang=args.lang)  # fmt: skip
+    except (TypeError, ValueError) as error:
+        parser.error(f"--vocab_size, --min_word_frequency or --lang: {error}")
+
+
+def check_path_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The folders and files the flags name exist, and are of the kind that the flag wants."""
+    if args.dataset not in NAMED_DATASETS:
+        root = Path(args.dataset)
+        if not root.is_dir():
+            expected = ", ".join(repr(name) for name in NAMED_DATASETS)
+            parser.error(f"--dataset {args.dataset}: no such folder (expected {expected} or a folder)")
+        if not (is_kaggle_flickr30k(root) or is_imagefolder(root)):
+            parser.error(
+                f"--dataset {args.dataset}: the folder holds neither {KAGGLE_CAPTIONS_FILE} (the Kaggle Flickr30k "
+                f"layout) nor train/{METADATA_FILE} (the imagefolder layout)"
+            )
+    if args.karpathy_json is not None:
+        if args.dataset in NAMED_DATASETS:
+            parser.error(f"--karpathy_json applies to a Kaggle Flickr30k folder, not to --dataset {args.dataset}")
+        if not Path(args.karpathy_json).is_file():
+            parser.error(f"--karpathy_json {args.karpathy_json}: no such file")
+    if args.vision_model_name_or_path:
+        try:  # a folder, or a name spelled as a path (a typo then), is checked here; a Hub id is left to loading
+            local_model_folder(args.vision_model_name_or_path)
+        except ValueError as error:
+            parser.error(f"--vision_model_name_or_path: {error}")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (or give 'latest')")
+    if not str(args.output_dir).strip():
+        parser.error("--output_dir must name a folder")
 
 
 # The model flags are the fields that ImgCapConfig adds to PreTrainedConfig, with the config's defaults and the
@@ -284,14 +395,18 @@ def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to if args.with_tracking else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGGING_DIR)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
 
 
 def set_up_logging(accelerator: Accelerator) -> None:
-    """Our INFO lines everywhere; the libraries' warnings from the local main process only."""
+    """Our INFO lines everywhere; the libraries' warnings from the local main process only; no progress bars where
+    the output is not a terminal (a bar redrawn with carriage returns fills a log file with noise)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not sys.stderr.isatty():
+        datasets.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
         transformers.utils.logging.set_verbosity_warning()
@@ -300,14 +415,72 @@ def set_up_logging(accelerator: Accelerator) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def prepare_output_dir(args: argparse.Namespace, output_dir: Path) -> None:
-    """On the main process: a writable folder without leftovers of an interrupted checkpoint, and the resolved
-    arguments saved in it."""
-    # Fail now, not after an hour of training, if the folder cannot be written.
-    checkpointing.check_output_dir_writable(output_dir)
+def earlier_run_outputs(output_dir: Path) -> list[str]:
+    """What an earlier train.py run left in `output_dir` (its final model's weights, its records, its best model, its
+    checkpoints), as names relative to the folder; empty for a new or empty folder."""
+    found = [name for name in (FINAL_WEIGHTS, *RECORD_FILES, BEST_MODEL_DIR) if (output_dir / name).exists()]
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    if checkpoints.is_dir():
+        found += sorted(f"{CHECKPOINTS_DIR}/{p.name}" for p in checkpoints.glob(f"{checkpointing.CHECKPOINT_PREFIX}*"))
+    return found
+
+
+def check_output_dir(args: argparse.Namespace, output_dir: Path, resume_dir: Path | None) -> None:
+    """Refuse, before anything is loaded or written, a folder that holds an earlier run, unless the flags say what
+    to do with it: `--overwrite_output_dir` replaces it, `--resume_from_checkpoint` continues it (a checkpoint of
+    another run than the one the folder's checkpoints belong to is refused: the two would mix)."""
+    earlier = earlier_run_outputs(output_dir)
+    if not earlier or args.overwrite_output_dir:
+        return
+    if args.resume_from_checkpoint:
+        folder_run = checkpointing.read_run_id(output_dir / CHECKPOINTS_DIR)
+        resumed_run = checkpointing.checkpoint_run_id(resume_dir) if resume_dir is not None else None
+        if folder_run is None or resumed_run is None or folder_run == resumed_run:
+            return
+        raise checkpointing.PreflightError(
+            f"{output_dir} holds the checkpoints of run {folder_run}, but {resume_dir} belongs to run {resumed_run}: "
+            "resume it into its own folder or into a new --output_dir."
+        )
+    listed = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+    raise checkpointing.PreflightError(
+        f"{output_dir} holds an earlier run ({listed}): add --overwrite_output_dir to replace it, "
+        "--resume_from_checkpoint latest to continue it, or choose another --output_dir."
+    )
+
+
+def clear_earlier_run(output_dir: Path) -> list[str]:
+    """Remove an earlier run's model weights, records, logs, best model and checkpoints (`--overwrite_output_dir`).
+    They are first moved together into one folder outside the run's names, then deleted: a kill midway leaves that
+    folder (removed at the next start), never half an old run taken for part of the new one."""
+    doomed = output_dir / EARLIER_RUN_TRASH
+    doomed.mkdir(exist_ok=True)
+    # The weights go first: from then on the folder is no model, so no record can describe the wrong weights.
+    names = [name for name in (FINAL_WEIGHTS, *RECORD_FILES, BEST_MODEL_DIR, CHECKPOINTS_DIR, TRAIN_LOG, LOGGING_DIR)
+             if (output_dir / name).exists()]  # fmt: skip
+    for name in names:
+        os.replace(output_dir / name, doomed / name)
+    checkpointing.fsync_path(output_dir)
+    shutil.rmtree(doomed)
+    return names
+
+
+def prepare_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """On the main process, once the arguments, the data and the folder are checked: the leftovers of interrupted
+    writes removed, and an earlier run cleared when `--overwrite_output_dir` asks for it."""
+    for leftover in (output_dir / EARLIER_RUN_TRASH, output_dir / FINAL_STAGING, output_dir / f"{BEST_MODEL_DIR}.tmp"):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+            logger.info(f"Removed {leftover}, left by an interrupted run")
     for leftover in checkpointing.clean_interrupted(output_dir / CHECKPOINTS_DIR):
         logger.info(f"Removed {leftover}, left by an interrupted checkpoint write or deletion")
-    (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+    if overwrite:
+        cleared = clear_earlier_run(output_dir)
+        if cleared:
+            logger.info(f"--overwrite_output_dir: removed the earlier run's {', '.join(cleared)}")
+
+
+class DataError(ValueError):
+    """The data cannot be trained on (unreadable, empty split, ...): found before training starts."""
 
 
 def load_data(args: argparse.Namespace):
@@ -317,7 +490,12 @@ def load_data(args: argparse.Namespace):
         "num_test": args.shapes_num_eval,
         "image_size": args.image_size,
     }
-    splits, report = load_caption_dataset(args.dataset, karpathy_json=args.karpathy_json, shapes_kwargs=shapes_kwargs)
+    try:
+        splits, report = load_caption_dataset(
+            args.dataset, karpathy_json=args.karpathy_json, shapes_kwargs=shapes_kwargs
+        )
+    except ValueError as error:  # the loaders say in one sentence what is wrong with the data
+        raise DataError(str(error)) from error
     for name, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
             splits[name] = splits[name].select(range(min(limit, len(splits[name]))))
@@ -325,7 +503,7 @@ def load_data(args: argparse.Namespace):
         splits["test"] = splits["test"].select(range(min(args.max_eval_samples, len(splits["test"]))))
     for name in ("train", "validation", "test"):
         if len(splits[name]) == 0:
-            raise ValueError(f"The {name} split of {args.dataset!r} is empty after loading: {report}")
+            raise DataError(f"The {name} split of {args.dataset!r} is empty after loading: {report}")
     return splits, report
 
 
@@ -343,6 +521,14 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> ImgCapForCondition
     return ImgCapForConditionalGeneration(ImgCapConfig(**config_kwargs))
 
 
+def build_progress_bar(accelerator: Accelerator, total_steps: int, completed_steps: int) -> tqdm | None:
+    """A progress bar on the local main process when its output is a terminal; None elsewhere (`record_step` then
+    logs a line every `--logging_steps`)."""
+    if not (accelerator.is_local_main_process and sys.stderr.isatty()):
+        return None
+    return tqdm(total=total_steps, initial=completed_steps)
+
+
 def use_feature_cache(args: argparse.Namespace) -> bool:
     return args.feature_cache == "on" or (args.feature_cache == "auto" and args.freeze_encoder)
 
@@ -350,8 +536,6 @@ def use_feature_cache(args: argparse.Namespace) -> bool:
 def encode_all_splits(args, accelerator: Accelerator, model, splits, image_processor) -> dict[str, torch.Tensor]:
     """The frozen encoder's region features of every image of every split, computed once: training and evaluation
     then run only the decoder."""
-    if not args.freeze_encoder:
-        raise ValueError("--feature_cache on needs a frozen encoder: a trained encoder changes its features")
     cache_dtype = getattr(torch, args.feature_cache_dtype)
     model.to(accelerator.device)
     features = {}
@@ -428,7 +612,8 @@ class TrainingProgress:
 
 
 def resolve_resume_dir(output_dir: Path, resume_from_checkpoint: str) -> Path | None:
-    """`latest`: the newest complete checkpoint (None if there is none). A folder: verified now, so an incomplete,
+    """`latest`: the newest complete checkpoint of the run that the folder's checkpoints belong to (None if there is
+    none). A folder: verified now, so an incomplete,
     unknown or pickled one is refused with one sentence before anything is loaded."""
     if resume_from_checkpoint == "latest":
         return checkpointing.latest_checkpoint(output_dir / CHECKPOINTS_DIR)
@@ -462,10 +647,14 @@ def save_model(model, processor, generation_kwargs: dict[str, Any], folder: Path
     The saved generation defaults are greedy decoding up to the evaluation's caption length, so that no default
     changes what a user asks for: a saved `num_beams=5` would turn `do_sample=True` into beam sampling and make
     `TextStreamer` refuse. The evaluation's own settings (beam width, length penalty) are in all_results.json's
-    "generation" and the model card, which pass them explicitly."""
+    "generation" and the model card, which pass them explicitly. Its files get the permissions of the umask, as any
+    other file the run writes (safetensors creates its files readable by their owner only)."""
     model.generation_config.update(num_beams=1, do_sample=False, max_new_tokens=generation_kwargs["max_new_tokens"])
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    for path in folder.iterdir():
+        if path.is_file():
+            checkpointing.apply_umask(path)
 
 
 def save_model_atomically(model, processor, generation_kwargs: dict[str, Any], target: Path) -> None:
@@ -476,6 +665,40 @@ def save_model_atomically(model, processor, generation_kwargs: dict[str, Any], t
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
+
+
+def write_record(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    checkpointing.apply_umask(path)
+
+
+def is_weights_file(name: str) -> bool:
+    """The model's weights: one safetensors file, or the shards of a large model and their index."""
+    return name.endswith((".safetensors", ".safetensors.index.json"))
+
+
+def save_final_model(model, processor, generation_kwargs, records: dict[str, Any], output_dir: Path) -> None:
+    """The final model and the run's records (`RECORD_FILES`), written together into a staging folder, then moved
+    into `output_dir` weights last, after the earlier weights were removed: whenever the run stops, the folder holds
+    the earlier model with its records, no weights at all, or the new model with its records; never weights beside
+    the records of another run."""
+    staging = output_dir / FINAL_STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_model(model, processor, generation_kwargs, staging)
+    for name, value in records.items():
+        write_record(staging / name, value)
+    for path in staging.iterdir():
+        checkpointing.fsync_path(path)
+    for path in output_dir.iterdir():
+        if path.is_file() and is_weights_file(path.name):
+            path.unlink()
+    checkpointing.fsync_path(output_dir)
+    staged = sorted(staging.iterdir(), key=lambda path: is_weights_file(path.name))  # the weights at the end
+    for path in staged:
+        os.replace(path, output_dir / path.name)
+    checkpointing.fsync_path(output_dir)
+    staging.rmdir()
 
 
 # ====================================================================================================================
@@ -501,7 +724,8 @@ class TrainingRun:
     validation_features: torch.Tensor | None
     generation_kwargs: dict[str, Any]
     progress: TrainingProgress
-    progress_bar: tqdm
+    run_id: str  # kept in every checkpoint's manifest, so that `latest` takes this run's checkpoints only
+    progress_bar: tqdm | None  # on the local main process, when the output is a terminal
     train_log: typing.TextIO | None  # on the main process only
     nonfinite_streak: int = 0  # batches skipped in a row; not checkpointed, so a resumed run counts afresh
 
@@ -586,10 +810,15 @@ def train_on_batch(run: TrainingRun, batch: dict[str, Any]) -> float | None:
 
 
 def record_step(run: TrainingRun, step_loss: float) -> None:
-    """A completed optimizer step on the progress bar, in the JSON-lines loss log and in the tracker."""
+    """A completed optimizer step on the progress bar (or in the log), in the JSON-lines loss log and the tracker."""
     learning_rate = run.scheduler.get_last_lr()[0]
-    run.progress_bar.update(1)
-    run.progress_bar.set_postfix(loss=f"{step_loss:.3f}")
+    step, total = run.progress.completed_steps, run.args.max_train_steps
+    if run.progress_bar is not None:
+        run.progress_bar.update(1)
+        run.progress_bar.set_postfix(loss=f"{step_loss:.3f}")
+    elif step % run.args.logging_steps == 0 or step == total:
+        # A log file or a pipe gets a line now and then instead of a bar redrawn with carriage returns.
+        logger.info(f"step {step}/{total}: loss {step_loss:.4f}, learning rate {learning_rate:.3g}")
     if run.train_log is not None:
         entry = {"step": run.progress.completed_steps, "epoch": run.progress.epoch, "loss": step_loss,
                  "lr": learning_rate}  # fmt: skip
@@ -631,7 +860,7 @@ def validate_and_keep_best(run: TrainingRun) -> None:
 def save_checkpoint(run: TrainingRun) -> None:
     checkpointing.save_checkpoint(
         run.accelerator, run.output_dir / CHECKPOINTS_DIR, run.progress.completed_steps, run.model, run.optimizer,
-        run.scheduler, run.progress.state_dict(), total_limit=run.args.checkpoints_total_limit,
+        run.scheduler, run.progress.state_dict(), total_limit=run.args.checkpoints_total_limit, run_id=run.run_id,
     )  # fmt: skip
 
 
@@ -641,12 +870,13 @@ def save_checkpoint(run: TrainingRun) -> None:
 
 
 def report_early_stop(run: TrainingRun, stop_reason: str) -> dict[str, Any]:
-    """Neither evaluate nor save a diverged model: the best model and the checkpoints stay as they were."""
+    """Neither evaluate nor save a diverged model: the best model and the checkpoints stay as they were. The report
+    goes into all_results.json unless the folder holds a final model (a finished run, resumed): its results stay."""
     progress = run.progress
     results = {"stopped_early": stop_reason, "nonfinite_losses": progress.nonfinite_losses,
                "completed_steps": progress.completed_steps, "history": progress.history}  # fmt: skip
-    if run.accelerator.is_main_process:
-        (run.output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if run.accelerator.is_main_process and not (run.output_dir / FINAL_WEIGHTS).exists():
+        write_record(run.output_dir / "all_results.json", results)
     run.accelerator.print(f"Training stopped early: {stop_reason}. Nothing was saved over earlier results.")
     if run.args.with_tracking:
         run.accelerator.end_training()
@@ -678,14 +908,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # inherit it. GPU kernels are not affected.
     torch.set_flush_denormal(True)
 
-    # ---- Init: processes, logging, the output folder, the checkpoint to resume from ------------------------------
+    # ---- Init: processes, logging, the checkpoint to resume from, the output folder checked (nothing written) ----
     accelerator = build_accelerator(args, output_dir)
     set_up_logging(accelerator)
-    if accelerator.is_main_process:
-        prepare_output_dir(args, output_dir)
-    accelerator.wait_for_everyone()
     # Resolved once, before any work: a bad folder is refused now, not after the data is loaded.
     resume_dir = resolve_resume_dir(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    check_output_dir(args, output_dir, resume_dir)
+    if accelerator.is_main_process:
+        checkpointing.check_output_dir_writable(output_dir)  # fail now, not after an hour of training
+    accelerator.wait_for_everyone()
+    run_id = checkpointing.checkpoint_run_id(resume_dir) if resume_dir is not None else None
+    run_id = run_id or checkpointing.new_run_id()
     set_seed(args.seed)
 
     # ---- Data: the splits, and a tokenizer built from the training captions --------------------------------------
@@ -698,8 +931,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     image_processor = build_image_processor(args)
     processor = ImgCapProcessor(image_processor=image_processor, tokenizer=tokenizer)
     train_caption_ids = tokenize_captions(tokenizer, splits["train"], args.max_caption_length)
-    if accelerator.is_main_process:
-        (output_dir / "data_report.json").write_text(json.dumps(data_report.to_dict(), indent=2) + "\n")
 
     # ---- Model ---------------------------------------------------------------------------------------------------
     model = build_model(args, vocab_size=len(tokenizer))
@@ -707,6 +938,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     # Before any image is encoded or step taken: is there room for a checkpoint, the best and the final model?
     checkpointing.check_free_space(output_dir, checkpointing.estimate_run_bytes(model))
+    # Everything is checked: from here on the run writes into its folder (the records only with the final model).
+    if accelerator.is_main_process:
+        prepare_output_dir(output_dir, overwrite=args.overwrite_output_dir)
+    accelerator.wait_for_everyone()
     generation_kwargs = {
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
@@ -757,12 +992,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args=args, output_dir=output_dir, accelerator=accelerator, model=model, training_forward=training_forward,
         optimizer=optimizer, scheduler=scheduler, train_dataloader=train_dataloader, processor=processor,
         validation_split=splits["validation"], validation_features=features.get("validation"),
-        generation_kwargs=generation_kwargs, progress=progress, train_log=train_log,
-        progress_bar=tqdm(total=args.max_train_steps, initial=progress.completed_steps,
-                          disable=not accelerator.is_local_main_process),
+        generation_kwargs=generation_kwargs, progress=progress, run_id=run_id, train_log=train_log,
+        progress_bar=build_progress_bar(accelerator, args.max_train_steps, progress.completed_steps),
     )  # fmt: skip
     stop_reason = train_all_epochs(run, num_epochs)
-    run.progress_bar.close()
+    if run.progress_bar is not None:
+        run.progress_bar.close()
     if train_log is not None:
         train_log.close()
     accelerator.wait_for_everyone()
@@ -792,13 +1027,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- Final save: the model, its results and sample captions; the Hub upload when asked -----------------------
     if accelerator.is_main_process:
-        save_model(final_model, processor, generation_kwargs, output_dir)
         samples = [
             {"image_id": splits["test"][row]["image_id"], "caption": test_captions[row]}
             for row in sorted(test_captions)[:20]
         ]
-        (output_dir / "test_samples.json").write_text(json.dumps(samples, indent=2) + "\n")
-        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        records = {"training_args.json": vars(args), "data_report.json": data_report.to_dict(),
+                   "test_samples.json": samples, "all_results.json": results}  # fmt: skip
+        save_final_model(final_model, processor, generation_kwargs, records, output_dir)
         scores = ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items() if isinstance(v, float))
         logger.info(f"Test ({test_metrics['tokenizer']} tokenizer): {scores}")
         if args.push_to_hub:
@@ -813,7 +1048,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         results = main()
-    except (checkpointing.CheckpointError, checkpointing.CheckpointWriteError, checkpointing.PreflightError) as error:
+    except (checkpointing.CheckpointError, checkpointing.PreflightError, DataError) as error:
+        # Refused before training, like a bad flag: argparse's one line and exit status, not a traceback.
+        build_parser().exit(2, f"{Path(sys.argv[0]).name}: error: {error}\n")
+    except checkpointing.CheckpointWriteError as error:
         # One clear sentence, not a traceback: the cause is the folder, not the code.
         logging.getLogger("train").error(f"Training stopped: {error}")
         sys.exit(2)

@@ -13,7 +13,11 @@ A checkpoint folder `checkpoint-N` (N = completed optimizer steps) holds:
     scaler.json                  the fp16 GradScaler's state_dict (only when one is enabled)
     training_state.json          the training loop's own progress (epoch, steps, best score, history)
     rng_state_{process}.json     python, numpy, torch CPU (and CUDA) generator states and accelerate's step counter
-    checkpoint.json              the manifest, written last: format, version, step, every file's size and sha256
+    checkpoint.json              the manifest, written last: format, version, step, run id, every file's size and
+                                 sha256
+
+Beside the checkpoints, `run.json` names the run that wrote the newest of them: `latest_checkpoint` takes only that
+run's checkpoints, so a checkpoint that another run left in the folder is never resumed by mistake.
 
 A folder counts as a checkpoint only when its manifest exists and every listed file has the listed size (and, before
 loading, the listed sha256). Files are written into `checkpoint-N.tmp`, fsynced, and the folder is renamed into place;
@@ -31,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STAGING_SUFFIX = ".tmp"  # a checkpoint being written
 DELETING_SUFFIX = ".deleting"  # a checkpoint being removed
 MANIFEST_NAME = "checkpoint.json"
+RUN_FILE = "run.json"  # beside the checkpoints: {"run_id": ...} of the run that wrote the newest one
 CHECKPOINT_FORMAT = "imgcap-hf-training-checkpoint"
 FORMAT_VERSION = 1
 
@@ -68,7 +74,8 @@ class CheckpointWriteError(OSError):
 
 
 class PreflightError(OSError):
-    """The output folder cannot take the run's files: found before training starts."""
+    """The output folder cannot take the run's files (unwritable, too small, holding another run): found before
+    training starts."""
 
 
 def rng_state_file(process_index: int) -> str:
@@ -80,7 +87,7 @@ def rng_state_file(process_index: int) -> str:
 # ====================================================================================================================
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file's (or a folder's entries') data to disk: a rename is only durable once both are."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -89,9 +96,18 @@ def _fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
+def apply_umask(path: Path) -> None:
+    """Give a file the permissions that the process's umask gives new files (0644 under the usual 022). safetensors
+    writes through a private temporary file, so its files come out readable by their owner only (0600)."""
+    umask = os.umask(0o077)  # reading the umask means setting it: briefly to the strictest usual value
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_safetensors(save, path: Path) -> None:
-    """Run a safetensors save into `path` and fsync it. safetensors reports I/O failures as `SafetensorError`; they
-    become the `OSError` they are (errno kept: "File too large", "No space left on device")."""
+    """Run a safetensors save into `path`, give the file the umask's permissions and fsync it. safetensors reports
+    I/O failures as `SafetensorError`; they become the `OSError` they are (errno kept: "File too large", "No space
+    left on device")."""
     try:
         save(str(path))
     except SafetensorError as error:
@@ -99,7 +115,8 @@ def _write_safetensors(save, path: Path) -> None:
         if code is None:
             raise OSError(str(error)) from error
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from error
-    _fsync_path(path)
+    apply_umask(path)
+    fsync_path(path)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -263,14 +280,42 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def read_run_id(folder: Path) -> str | None:
+    """The run that wrote the newest checkpoint in `folder` (its `run.json`); None where there is no such record."""
+    try:
+        return json.loads((Path(folder) / RUN_FILE).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def write_run_id(folder: Path, run_id: str) -> None:
+    staging = Path(folder) / (RUN_FILE + STAGING_SUFFIX)
+    _write_json(staging, {"run_id": run_id})
+    os.replace(staging, Path(folder) / RUN_FILE)
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run a checkpoint belongs to; None for a checkpoint written before runs had identifiers."""
+    return verify_checkpoint(path, check_hashes=False).get("run_id")
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint that verifies in full; newer folders that do not are skipped with a warning."""
+    """The newest checkpoint that verifies in full and belongs to the folder's run (`run.json`; checkpoints without a
+    run id are taken too: they predate run ids). Newer folders that do not qualify are skipped with a warning."""
+    folder_run = read_run_id(folder)
     candidates = [p for p in Path(folder).glob(f"{CHECKPOINT_PREFIX}*") if checkpoint_step(p) is not None]
     for path in sorted(candidates, key=checkpoint_step, reverse=True):
         try:
-            verify_checkpoint(path)
+            run_id = verify_checkpoint(path).get("run_id")
         except CheckpointError as error:
             logger.warning(f"Skipping {path}: {error}")
+            continue
+        if folder_run is not None and run_id is not None and run_id != folder_run:
+            logger.warning(f"Skipping {path}: it belongs to run {run_id}, not to the folder's run {folder_run}")
             continue
         return path
     return None
@@ -283,7 +328,7 @@ def remove_checkpoint(path: Path) -> None:
     if doomed.exists():
         shutil.rmtree(doomed)
     os.replace(path, doomed)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(doomed)
 
 
@@ -330,8 +375,9 @@ def _write_state_files(accelerator, staging: Path, model, optimizer, scheduler, 
     _write_json(staging / rng_state_file(accelerator.process_index), rng)
 
 
-def _publish(staging: Path, final: Path, step: int, num_processes: int) -> None:
-    """Manifest last, then the atomic rename; fsync the folders so the rename survives a power cut."""
+def _publish(staging: Path, final: Path, step: int, num_processes: int, run_id: str | None) -> None:
+    """Manifest last, then the folder's run record and the atomic rename; fsync the folders so the rename survives a
+    power cut."""
     files = {
         p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(staging.iterdir()) if p.is_file()
     }
@@ -342,12 +388,16 @@ def _publish(staging: Path, final: Path, step: int, num_processes: int) -> None:
         "num_processes": num_processes,
         "files": files,
     }
+    if run_id is not None:
+        manifest["run_id"] = run_id
     _write_json(staging / MANIFEST_NAME, manifest)
-    _fsync_path(staging)
+    fsync_path(staging)
+    if run_id is not None:  # before the rename: `latest` never sees this checkpoint under another run's record
+        write_run_id(final.parent, run_id)
     if final.exists():  # the same step saved again (e.g. a resumed run): its older copy goes first
         remove_checkpoint(final)
     os.replace(staging, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def save_checkpoint(
@@ -359,8 +409,10 @@ def save_checkpoint(
     scheduler,
     training_state: dict[str, Any],
     total_limit: int | None = None,
+    run_id: str | None = None,
 ) -> Path:
-    """Write `folder/checkpoint-{step}` on every process (collective); then keep the newest `total_limit`.
+    """Write `folder/checkpoint-{step}` on every process (collective), its manifest naming `run_id`; then keep the
+    newest `total_limit`.
     A failed write (an OSError: disk full, file too large, ...) removes the staging folder on every process and
     raises `CheckpointWriteError`, leaving the earlier checkpoints as they were."""
     folder = Path(folder)
@@ -383,7 +435,7 @@ def save_checkpoint(
     ok = _everyone_succeeded(accelerator, ok and error is None)
     if ok and accelerator.is_main_process:
         try:
-            _publish(staging, final, step, accelerator.num_processes)
+            _publish(staging, final, step, accelerator.num_processes, run_id)
         except OSError as caught:
             error = caught
     ok = _everyone_succeeded(accelerator, ok and error is None)

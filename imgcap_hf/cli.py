@@ -23,13 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .data import load_caption_dataset
+from .data import NAMED_DATASETS, load_caption_dataset
 from .loading import load_captioner, local_model_folder
 from .models.imgcap.image_processing_imgcap import load_image
 from .scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
-
-DATASET_NAMES = ("shapes", "scenes", "flickr30k")
-
 
 # Argument types: each turns a bad value into argparse's one-line usage error (exit status 2) before anything loads.
 
@@ -54,7 +51,7 @@ def model_name_or_path(text: str) -> str:
 
 
 def dataset_name_or_path(text: str) -> str:
-    if text not in DATASET_NAMES and not Path(text).expanduser().is_dir():
+    if text not in NAMED_DATASETS and not Path(text).expanduser().is_dir():
         raise argparse.ArgumentTypeError(
             f"no such folder: {text} (the dataset is 'shapes', 'scenes', 'flickr30k' or a folder of captioned images)"
         )

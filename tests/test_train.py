@@ -1,10 +1,13 @@
 """train.py end to end on tiny models and tiny data: learning, outputs, resume, non-finite losses, DDP, CLI."""
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Literal
 
@@ -15,10 +18,13 @@ from safetensors.torch import load_file
 
 import push_to_hub
 import train
-from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration, ImgCapProcessor
-from imgcap_hf.checkpointing import CheckpointError
+from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration, ImgCapProcessor, checkpointing
+from imgcap_hf.checkpointing import CheckpointError, PreflightError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The smallest complete run: 32 training images (4 steps an epoch), 4 evaluation images, greedy, no Java.
+QUICK_RUN = ["--shapes_num_train", "32", "--max_eval_samples", "4", "--num_beams", "1",
+             "--caption_tokenizer", "python"]  # fmt: skip
 
 
 def files_under(folder: Path) -> dict[str, bytes]:
@@ -89,7 +95,18 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "checkpoint-4", resumed / "checkpoints" / "checkpoint-4")
+    # A file the manifest does not list: it survives only if checkpoint-4 is resumed from, not written again.
+    (resumed / "checkpoints" / "checkpoint-4" / "untouched").write_text("")
     train.main(tiny_args(resumed, "attention", *common, "--resume_from_checkpoint", "latest"))
+
+    # It resumed: its log starts at step 5, its checkpoints after step 4, and checkpoint-4 is the copy it was given.
+    straight_log = (straight / "train_log.jsonl").read_text().splitlines()
+    resumed_log = (resumed / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in resumed_log] == [5, 6, 7, 8, 9, 10]
+    assert resumed_log == straight_log[4:]
+    checkpoints = (resumed / "checkpoints").glob("checkpoint-*")
+    assert sorted(int(path.name.removeprefix("checkpoint-")) for path in checkpoints) == [4, 6, 8, 10]
+    assert (resumed / "checkpoints" / "checkpoint-4" / "untouched").exists()
 
     final_straight = load_file(straight / "checkpoints" / "checkpoint-10" / "model.safetensors")
     final_resumed = load_file(resumed / "checkpoints" / "checkpoint-10" / "model.safetensors")
@@ -289,3 +306,196 @@ def test_cli_caption_and_evaluate(saved_tiny_captioner, tmp_path):
     metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert metrics["num_images"] == 12
     assert {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider"} <= metrics.keys()
+
+
+# ====================================================================================================================
+# Arguments and output folders: checked before anything is loaded or written
+# ====================================================================================================================
+
+
+def test_bad_flags_stop_with_one_argparse_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """Each bad value ends the run in parse_args with exit status 2 and one `train.py: error:` line naming the flag;
+    nothing is loaded (load_data would fail the test). The script itself prints no traceback."""
+    monkeypatch.setattr(train, "load_data", lambda args: pytest.fail("the data was loaded"))
+    not_a_dataset = tmp_path / "empty-folder"
+    not_a_dataset.mkdir()
+    for bad, message in [
+        (["--dataset", "/nonexistent"], "--dataset /nonexistent: no such folder"),
+        (["--dataset", str(not_a_dataset)], "the folder holds neither results.csv"),
+        (["--karpathy_json", "split.json"], "--karpathy_json applies to a Kaggle Flickr30k folder, not to --dataset"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer, got 0"),
+        (["--per_device_eval_batch_size", "-1"], "--per_device_eval_batch_size must be a positive integer"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive integer"),
+        (["--num_train_epochs", "0"], "--num_train_epochs must be a positive integer"),
+        (["--max_train_steps", "-5"], "--max_train_steps must be a positive integer"),
+        (["--num_warmup_steps", "-1"], "--num_warmup_steps must be an integer >= 0"),
+        (["--dataloader_num_workers", "-2"], "--dataloader_num_workers must be an integer >= 0"),
+        (["--shapes_num_train", "0"], "--shapes_num_train must be a positive integer"),
+        (["--max_eval_samples", "0"], "--max_eval_samples must be a positive integer"),
+        (["--max_caption_length", "1"], "--max_caption_length must be an integer >= 2"),
+        (["--num_beams", "0"], "--num_beams must be a positive integer"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be a positive integer"),
+        (["--logging_steps", "0"], "--logging_steps must be a positive integer"),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 4294967295"),
+        (["--learning_rate", "0"], "--learning_rate must be a finite number > 0"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number > 0, got nan"),
+        (["--weight_decay", "-0.1"], "--weight_decay must be a finite number >= 0"),
+        (["--max_grad_norm", "inf"], "--max_grad_norm must be a finite number > 0"),
+        (["--crop_pct", "1.5"], "--crop_pct must be a finite number > 0 and <= 1"),
+        (["--checkpointing_steps", "0"], "--checkpointing_steps must be a positive integer, 'epoch' or 'no'"),
+        (["--checkpointing_steps", "often"], "--checkpointing_steps must be a positive integer, 'epoch' or 'no'"),
+        (["--lr_scheduler_type", "cosyne"], "argument --lr_scheduler_type: invalid choice: 'cosyne'"),
+        (["--vocab_size", "5"], "--vocab_size, --min_word_frequency or --lang: vocab_size=5 is too small"),
+        (["--vision_model_name_or_path", "./no-backbone"], "--vision_model_name_or_path: no such folder: ./no-"),
+        (["--resume_from_checkpoint", str(tmp_path / "none")], f"--resume_from_checkpoint {tmp_path / 'none'}: no"),
+        (["--feature_cache", "on", "--no-freeze_encoder"], "--feature_cache on needs --freeze_encoder"),
+        (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "give only one"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(tiny_args(tmp_path / "run", "attention", *bad))
+        usage, error = capsys.readouterr().err.strip().splitlines()  # argparse's usage line, then the error
+        assert exit_info.value.code == 2 and usage.startswith("usage: "), bad
+        assert ": error: " in error and message in error, (bad, error)
+    assert not (tmp_path / "run").exists()
+
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--dataset", "/nonexistent"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "train.py: error: --dataset /nonexistent: no such folder (expected " \
+        "'shapes', 'scenes', 'flickr30k' or a folder)"  # fmt: skip
+    for name in ("shapes", "scenes"):  # the built-in sets are names, not folders
+        assert train.parse_args(tiny_args(tmp_path / "run", "attention", "--dataset", name)).dataset == name
+
+
+def earlier_run(folder: Path) -> dict[str, bytes]:
+    """What a finished run leaves (by hand: its files' content does not matter here), as `files_under` sees it."""
+    (folder / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"the earlier run's weights")
+    for name in ("training_args.json", "data_report.json", "test_samples.json", "all_results.json"):
+        (folder / name).write_text(json.dumps({"per_device_train_batch_size": 32}))
+    (folder / "checkpoints" / "checkpoint-4" / "checkpoint.json").write_text("{}")
+    return files_under(folder)
+
+
+def test_a_failed_run_leaves_an_earlier_runs_folder_as_it_was(tmp_path, monkeypatch, capsys):
+    """Bad flags, a folder that holds an earlier run, and a disk too small (the free-space preflight) stop the run
+    before it writes anything into the folder, even with --overwrite_output_dir: the earlier model's records still
+    describe it."""
+    folder = tmp_path / "run"
+    before = earlier_run(folder)
+    for bad in (["--dataset", "/nonexistent"], ["--per_device_train_batch_size", "0"]):
+        with pytest.raises(SystemExit):
+            train.main(tiny_args(folder, "attention", *bad))
+        assert files_under(folder) == before, bad
+
+    with pytest.raises(PreflightError, match=re.escape(f"{folder} holds an earlier run (model.safetensors, ")):
+        train.main(tiny_args(folder, "attention"))
+    assert files_under(folder) == before
+
+    disk = shutil.disk_usage(tmp_path)
+    small_disk = types.ModuleType("shutil")  # the shutil that checkpointing sees, with 1 MiB free
+    vars(small_disk).update(vars(shutil), disk_usage=lambda path: disk._replace(free=2**20))
+    monkeypatch.setattr(checkpointing, "shutil", small_disk)
+    with pytest.raises(PreflightError, match="Not enough disk space in .*only 1 MiB"):
+        train.main(tiny_args(folder, "attention", "--overwrite_output_dir"))
+    assert files_under(folder) == before
+
+
+def test_a_new_run_into_an_earlier_runs_folder_is_refused_unless_it_overwrites(tmp_path):
+    """A 4-step run, then a 2-step run into the same folder: refused with one sentence; with --overwrite_output_dir
+    the earlier run's checkpoints and records are gone, and `latest` never takes a checkpoint of the earlier run,
+    even one put back beside the new run's."""
+    folder = tmp_path / "run"
+    common = ["--checkpointing_steps", "1", *QUICK_RUN]
+    train.main(tiny_args(folder, "attention", *common, "--max_train_steps", "4"))
+    earlier_checkpoint = shutil.copytree(folder / "checkpoints" / "checkpoint-4", tmp_path / "kept-checkpoint-4")
+    before = files_under(folder)
+
+    with pytest.raises(PreflightError) as refusal:
+        train.main(tiny_args(folder, "attention", *common, "--max_train_steps", "2"))
+    assert str(refusal.value) == (
+        f"{folder} holds an earlier run (model.safetensors, training_args.json, data_report.json, ...): add "
+        "--overwrite_output_dir to replace it, --resume_from_checkpoint latest to continue it, or choose another "
+        "--output_dir."
+    )
+    assert files_under(folder) == before
+
+    results = train.main(tiny_args(folder, "attention", *common, "--max_train_steps", "2", "--overwrite_output_dir"))
+    assert sorted(p.name for p in (folder / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert [json.loads(line)["step"] for line in (folder / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((folder / "training_args.json").read_text())["max_train_steps"] == 2
+    assert json.loads((folder / "all_results.json").read_text())["completed_steps"] == results["completed_steps"] == 2
+    assert not list(folder.glob(".*"))  # no staging or trash folder left
+
+    # An earlier run's checkpoint put back (e.g. by an older train.py that did not refuse): `latest` skips it.
+    shutil.copytree(earlier_checkpoint, folder / "checkpoints" / "checkpoint-4")
+    assert train.resolve_resume_dir(folder, "latest") == folder / "checkpoints" / "checkpoint-2"
+
+
+def test_the_final_save_never_leaves_weights_beside_another_runs_records(tmp_path, monkeypatch):
+    """The final model and its records replace an earlier one weights last: if the save stops at any of its renames
+    (a kill, a full disk), the folder holds the earlier model with its records, or no weights at all."""
+    from conftest import build_tiny_captioner
+
+    old_model, processor = build_tiny_captioner(seed=0)
+    new_model, _ = build_tiny_captioner(seed=1)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    train.save_final_model(old_model, processor, {}, {"all_results.json": {"run": "old"}}, earlier)
+    old_weights = (earlier / "model.safetensors").read_bytes()
+    real_replace = os.replace
+    for failing_call in range(1, 40):
+        folder = shutil.copytree(earlier, tmp_path / f"run-{failing_call}")
+        calls = []
+
+        def replace_or_fail(source, target, calls=calls, failing_call=failing_call):
+            calls.append(target)
+            if len(calls) == failing_call:
+                raise OSError(28, "No space left on device")
+            real_replace(source, target)
+
+        monkeypatch.setattr(train.os, "replace", replace_or_fail)
+        try:
+            train.save_final_model(new_model, processor, {}, {"all_results.json": {"run": "new"}}, folder)
+            finished = True
+        except OSError:
+            finished = False
+        monkeypatch.setattr(train.os, "replace", real_replace)
+        record = json.loads((folder / "all_results.json").read_text())["run"]
+        if (folder / "model.safetensors").exists():
+            expected = "old" if (folder / "model.safetensors").read_bytes() == old_weights else "new"
+            assert record == expected, failing_call
+        if finished:
+            assert record == "new" and failing_call > len(calls)
+            break
+    else:
+        pytest.fail("the save never finished")
+
+
+def test_saved_files_get_the_umasks_permissions(tmp_path):
+    """safetensors writes its files 0600; the final model, the best model and checkpoints get what the umask gives
+    every other file (0644 under the usual 022), like their sibling JSON files."""
+    from conftest import build_tiny_captioner
+
+    model, processor = build_tiny_captioner()
+    old_umask = os.umask(0o022)
+    try:
+        train.save_final_model(model, processor, {}, {"all_results.json": {}}, tmp_path)
+        train.save_model_atomically(model, processor, {}, tmp_path / "best_model")
+        os.umask(0o077)  # a stricter umask is respected too
+        train.save_model_atomically(model, processor, {}, tmp_path / "private")
+    finally:
+        os.umask(old_umask)
+    for path in (tmp_path / "model.safetensors", tmp_path / "all_results.json", tmp_path / "config.json",
+                 tmp_path / "best_model" / "model.safetensors"):  # fmt: skip
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert (tmp_path / "private" / "model.safetensors").stat().st_mode & 0o777 == 0o600
+
+
+def test_output_that_is_not_a_terminal_gets_log_lines_not_progress_bars(tmp_path, capfd, caplog):
+    """With stdout and stderr captured (not a TTY), no carriage-return progress bar: a log line per --logging_steps
+    steps and at the last step."""
+    caplog.set_level(logging.INFO, logger="train")
+    train.main(tiny_args(tmp_path, "attention", "--max_train_steps", "4", "--logging_steps", "3", *QUICK_RUN))
+    assert "\r" not in "".join(capfd.readouterr())
+    assert [int(step) for step in re.findall(r"step (\d+)/4: loss", caplog.text)] == [3, 4]

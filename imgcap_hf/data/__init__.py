@@ -30,6 +30,7 @@ from typing import Any
 # Each public name of the package, and the module that defines it.
 _MODULE_OF = {
     "load_caption_dataset": "sources",
+    "NAMED_DATASETS": "sources",
     "DataReport": "report",
     "IssueTally": "report",
     "UNPARSEABLE_ROW": "report",

@@ -21,6 +21,9 @@ from .shapes import make_shapes_dataset
 from .splits import DEFAULT_TEST_FRACTION, DEFAULT_VALIDATION_FRACTION, check_split_fractions
 from .verification import filter_unreadable_images
 
+# The `--dataset` values that are names rather than folders: the two synthetic sets and the Hub copy of Flickr30k.
+NAMED_DATASETS = ("shapes", "scenes", "flickr30k")
+
 
 def load_caption_dataset(
     name_or_path: str,
@@ -55,7 +58,7 @@ def load_caption_dataset(
         The splits and a `DataReport` of what was repaired or skipped.
     """
     check_split_fractions(validation_fraction, test_fraction)
-    if karpathy_json is not None and name_or_path in ("shapes", "scenes", "flickr30k"):
+    if karpathy_json is not None and name_or_path in NAMED_DATASETS:
         raise ValueError(f"karpathy_json applies to the Kaggle Flickr30k folder only, not to {name_or_path!r}")
     if name_or_path == "shapes":
         report = DataReport(source="shapes", layout="shapes", notes=["synthetic coloured shapes"])

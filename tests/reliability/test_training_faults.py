@@ -1,8 +1,9 @@
 """Training under faults: killed runs resume bit-exactly, interrupted or foreign checkpoints are skipped or refused
 (never unpickled), a full or unwritable disk is reported clearly, non-finite losses stop cleanly, seeds reproduce.
 
-Faults are made for real: a SIGKILLed `python train.py`, a file-size limit (RLIMIT_FSIZE) that makes the kernel refuse
-checkpoint writes, a folder whose parent is a file, a learning rate that makes the loss overflow."""
+Faults are made for real: a training process SIGKILLed in the middle of a checkpoint write, a file-size limit
+(RLIMIT_FSIZE) that makes the kernel refuse checkpoint writes, a folder whose parent is a file, a learning rate that
+makes the loss overflow."""
 
 import json
 import os
@@ -148,6 +149,34 @@ def test_latest_skips_interrupted_and_damaged_checkpoints_and_an_explicit_resume
     assert not deleting.exists() and good.is_dir()
 
 
+def test_latest_never_takes_a_checkpoint_of_another_run(tmp_path):
+    """Each manifest names its run and `run.json` the run that wrote the newest checkpoint: `latest` takes that run's
+    newest checkpoint, even where another run's has a higher step; checkpoints without a run id (written before run
+    ids existed) still count."""
+    earlier = save(tmp_path, 4, run_id="earlier-run")
+    assert checkpointing.checkpoint_run_id(earlier) == "earlier-run"
+    assert checkpointing.latest_checkpoint(tmp_path) == earlier
+    new = save(tmp_path, 2, run_id="new-run")
+    assert checkpointing.read_run_id(tmp_path) == "new-run"
+    assert checkpointing.latest_checkpoint(tmp_path) == new
+    assert checkpointing.list_checkpoints(tmp_path) == [new, earlier]  # both complete: only `latest` tells them apart
+    legacy = save(tmp_path, 1)
+    manifest = json.loads((legacy / "checkpoint.json").read_text())
+    assert "run_id" not in manifest and checkpointing.checkpoint_run_id(legacy) is None
+    shutil.rmtree(new)
+    assert checkpointing.latest_checkpoint(tmp_path) == legacy
+
+
+def test_checkpoint_files_get_the_umasks_permissions(tmp_path):
+    """safetensors writes its files 0600; in a checkpoint they get what the umask gives the JSON files beside them."""
+    old_umask = os.umask(0o022)
+    try:
+        path = save(tmp_path, 3)
+    finally:
+        os.umask(old_umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in path.iterdir()} == {p.name: 0o644 for p in path.iterdir()}
+
+
 def test_deleting_old_checkpoints_renames_them_out_of_the_namespace_first(tmp_path):
     for step in (1, 2, 3):
         save(tmp_path, step, total_limit=2)
@@ -206,34 +235,69 @@ def test_a_checkpoint_of_another_model_is_refused_clearly(tmp_path):
 # ====================================================================================================================
 
 
+# `python train.py` that stops inside the write of one checkpoint (argv[1]: its step) after its files are staged and
+# before its manifest, says so by creating the file argv[2], and waits there to be killed: the kill lands at the same
+# point every time, however fast or slow the machine is.
+PAUSE_IN_A_CHECKPOINT_WRITE = """
+import sys, time
+from pathlib import Path
+import train
+from imgcap_hf import checkpointing
+
+publish, pause_at_step, paused = checkpointing._publish, int(sys.argv[1]), Path(sys.argv[2])
+
+def publish_or_pause(staging, final, step, *args):
+    if step == pause_at_step:
+        paused.write_text(str(staging))
+        time.sleep(600)
+    publish(staging, final, step, *args)
+
+checkpointing._publish = publish_or_pause
+train.main(sys.argv[3:])
+"""
+
+
 @pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
-    """SIGKILL a real `python train.py` once it has checkpointed, resume with `latest`: the final weights, results and
-    the per-step loss log equal those of a run that was never interrupted, bit for bit."""
+    """SIGKILL a real training process in the middle of writing checkpoint-4, resume with `latest`: it resumes from
+    checkpoint-3 (its log says so and restarts at step 4, the log lines of steps 1-3 are kept as they were), and the
+    final weights, results and per-step loss log equal those of a run that was never interrupted, bit for bit."""
     common = ["--max_train_steps", "10", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
-              *RANDOM_STEPS]  # fmt: skip
-    killed = tmp_path / "killed"
-    run = train_script(*tiny_args(killed, "attention", *common))
-    deadline = time.monotonic() + 300
-    while run.poll() is None and time.monotonic() < deadline:
-        complete = checkpointing.list_checkpoints(killed / "checkpoints")
-        if complete and checkpointing.checkpoint_step(complete[-1]) >= 3:
-            break
-        time.sleep(0.02)
+              "--logging_steps", "1", *RANDOM_STEPS]  # fmt: skip
+    killed, paused = tmp_path / "killed", tmp_path / "paused"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pausing_script = [sys.executable, "-c", PAUSE_IN_A_CHECKPOINT_WRITE, "4", str(paused)]
+    run = subprocess.Popen(
+        [*pausing_script, *tiny_args(killed, "attention", *common)], cwd=REPO_ROOT, env=environment,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300  # a bound, not a timing: the process waits for the kill
+    while not paused.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     run.send_signal(signal.SIGKILL)
     output = run.communicate(timeout=60)[0]
-    assert run.returncode == -signal.SIGKILL, f"the run ended before it was killed: {output[-3000:]}"
+    assert paused.exists() and run.returncode == -signal.SIGKILL, output[-3000:]
+    assert (killed / "checkpoints" / "checkpoint-4.tmp").is_dir()  # the write the kill interrupted
     assert not (killed / "all_results.json").exists()
-    killed_at = checkpointing.checkpoint_step(checkpointing.list_checkpoints(killed / "checkpoints")[-1])
-    assert 3 <= killed_at < 10
+    assert checkpointing.latest_checkpoint(killed / "checkpoints") == killed / "checkpoints" / "checkpoint-3"
+    log_before_resume = (killed / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log_before_resume] == [1, 2, 3, 4]
 
     # All three runs in the same kind of process: the thread count changes float sums, so bit-exact needs it equal.
     straight = tmp_path / "straight"
+    outputs = []
     for args in (tiny_args(killed, "attention", *common, "--resume_from_checkpoint", "latest"),
                  tiny_args(straight, "attention", *common)):  # fmt: skip
         run = train_script(*args)
-        output = run.communicate(timeout=300)[0]
-        assert run.returncode == 0, output[-3000:]
+        outputs.append(run.communicate(timeout=600)[0])
+        assert run.returncode == 0, outputs[-1][-3000:]
+
+    resumed_output = outputs[0]
+    assert f"Resumed from {killed / 'checkpoints' / 'checkpoint-3'} at step 3" in resumed_output
+    assert [int(step) for step in re.findall(r"step (\d+)/10: loss", resumed_output)] == list(range(4, 11))
+    assert not (killed / "checkpoints" / "checkpoint-4.tmp").exists()
+    resumed_log = (killed / "train_log.jsonl").read_text().splitlines()
+    assert resumed_log[:3] == log_before_resume[:3]
 
     for weights in ("checkpoints/checkpoint-10/model.safetensors", "model.safetensors"):
         expected, got = load_file(straight / weights), load_file(killed / weights)
@@ -243,8 +307,8 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     for results in (straight_results, resumed_results):
         results.pop("train_runtime_seconds")
     assert resumed_results == straight_results
-    assert (killed / "train_log.jsonl").read_text() == (straight / "train_log.jsonl").read_text()
-    assert len((straight / "train_log.jsonl").read_text().splitlines()) == 10
+    assert resumed_log == (straight / "train_log.jsonl").read_text().splitlines()
+    assert len(resumed_log) == 10
 
 
 # ====================================================================================================================
@@ -341,6 +405,9 @@ def test_diverging_losses_stop_training_and_the_last_good_checkpoint_stays_loada
     state = json.loads((latest / "training_state.json").read_text())
     assert state["completed_steps"] == 2 and state["nonfinite_losses"] == 0
     assert all(torch.isfinite(t).all() for t in load_file(latest / "model.safetensors").values())
+    # Files the manifests do not list: they survive only if the checkpoints are resumed from, not written again.
+    for checkpoint in (output / "checkpoints").glob("checkpoint-*"):
+        (checkpoint / "untouched").write_text("")
     # It resumes: the run picks it up and (the weights being what they are) stops again the same way.
     resumed = train.main(
         tiny_args(output, "attention", "--learning_rate", "1e30", "--lr_scheduler_type", "constant_with_warmup",
@@ -349,6 +416,10 @@ def test_diverging_losses_stop_training_and_the_last_good_checkpoint_stays_loada
     )  # fmt: skip
     assert resumed["completed_steps"] == 2 and resumed["nonfinite_losses"] == 3
     assert checkpointing.latest_checkpoint(output / "checkpoints") == latest
+    assert [(p.name, (p / "untouched").exists()) for p in sorted((output / "checkpoints").glob("checkpoint-*"))] == [
+        ("checkpoint-1", True), ("checkpoint-2", True)
+    ]  # fmt: skip
+    assert (output / "train_log.jsonl").read_text().splitlines() == [json.dumps(entry) for entry in log]
 
 
 @pytest.mark.slow
