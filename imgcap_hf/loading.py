@@ -80,11 +80,11 @@ def load_captioner(
 def local_model_folder(name_or_path: str | os.PathLike) -> Path | None:
     """The local folder that `name_or_path` names, or None for a Hub id; no network is used.
 
-    The rule: a name is a local folder when a folder of that name exists (`~` expanded), or when it cannot be a Hub
-    id: it is an `os.PathLike`, starts with `.`, `~` or `/`, holds a backslash, more than one `/` or a trailing `/`,
-    is not `NAME` or `OWNER/NAME` of letters, digits, `-`, `_` and `.` (huggingface_hub's rule), or its `OWNER` part is
-    an existing local folder (`outputs/shapes-atention` beside the `outputs/` that `make demo` writes). Anything else
-    (`you/imgcap-shapes`) is a Hub id.
+    The rule: a name is local when a folder of that name exists (`~` expanded), or a file (refused: not a folder), or
+    when it cannot be a Hub id: it is an `os.PathLike`, starts with `.`, `~` or `/`, holds a backslash, more than one
+    `/` or a trailing `/`, is not `NAME` or `OWNER/NAME` of letters, digits, `-`, `_` and `.` (huggingface_hub's
+    rule), or its `OWNER` part is an existing local folder (`outputs/shapes-atention` beside the `outputs/` that
+    `make demo` writes). Anything else (`you/imgcap-shapes`) is a Hub id.
 
     Raises:
         ValueError: "no such folder: NAME" for a local folder that does not exist ("not a folder: NAME" for a file).
@@ -93,10 +93,10 @@ def local_model_folder(name_or_path: str | os.PathLike) -> Path | None:
     folder = Path(text).expanduser()
     if folder.is_dir():
         return folder
+    if folder.exists():  # a file here is what the user meant, even where its name could be a Hub id
+        raise ValueError(f"not a folder: {text}")
     if not isinstance(name_or_path, os.PathLike) and not _is_path_spelling(text) and _is_hub_id(text):
         return None
-    if folder.exists():
-        raise ValueError(f"not a folder: {text}")
     raise ValueError(f"no such folder: {text}")
 
 

@@ -432,6 +432,10 @@ def test_a_new_run_into_an_earlier_runs_folder_is_refused_unless_it_overwrites(t
     assert train.resolve_resume_dir(folder, "latest") == folder / "checkpoints" / "checkpoint-2"
 
 
+# The evaluation settings train.py passes to its saves (the saved defaults take the caption length from them).
+GENERATION = {"num_beams": 2, "max_new_tokens": 12, "length_penalty": 1.0}
+
+
 def test_the_final_save_never_leaves_weights_beside_another_runs_records(tmp_path, monkeypatch):
     """The final model and its records replace an earlier one weights last: if the save stops at any of its renames
     (a kill, a full disk), the folder holds the earlier model with its records, or no weights at all."""
@@ -441,7 +445,7 @@ def test_the_final_save_never_leaves_weights_beside_another_runs_records(tmp_pat
     new_model, _ = build_tiny_captioner(seed=1)
     earlier = tmp_path / "earlier"
     earlier.mkdir()
-    train.save_final_model(old_model, processor, {}, {"all_results.json": {"run": "old"}}, earlier)
+    train.save_final_model(old_model, processor, GENERATION, {"all_results.json": {"run": "old"}}, earlier)
     old_weights = (earlier / "model.safetensors").read_bytes()
     real_replace = os.replace
     for failing_call in range(1, 40):
@@ -456,7 +460,7 @@ def test_the_final_save_never_leaves_weights_beside_another_runs_records(tmp_pat
 
         monkeypatch.setattr(train.os, "replace", replace_or_fail)
         try:
-            train.save_final_model(new_model, processor, {}, {"all_results.json": {"run": "new"}}, folder)
+            train.save_final_model(new_model, processor, GENERATION, {"all_results.json": {"run": "new"}}, folder)
             finished = True
         except OSError:
             finished = False
@@ -480,10 +484,10 @@ def test_saved_files_get_the_umasks_permissions(tmp_path):
     model, processor = build_tiny_captioner()
     old_umask = os.umask(0o022)
     try:
-        train.save_final_model(model, processor, {}, {"all_results.json": {}}, tmp_path)
-        train.save_model_atomically(model, processor, {}, tmp_path / "best_model")
+        train.save_final_model(model, processor, GENERATION, {"all_results.json": {}}, tmp_path)
+        train.save_model_atomically(model, processor, GENERATION, tmp_path / "best_model")
         os.umask(0o077)  # a stricter umask is respected too
-        train.save_model_atomically(model, processor, {}, tmp_path / "private")
+        train.save_model_atomically(model, processor, GENERATION, tmp_path / "private")
     finally:
         os.umask(old_umask)
     for path in (tmp_path / "model.safetensors", tmp_path / "all_results.json", tmp_path / "config.json",

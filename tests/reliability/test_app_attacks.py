@@ -245,7 +245,9 @@ def _expected_answers(model_dir: Path, pictures: list[bytes], settings: "app.Dec
     for picture in pictures:
         image = load_image(picture)
         result = app.caption_image(captioner, image, settings)
-        overlays = app.attention_overlays(image, result.word_attention, captioner.processor.image_processor)
+        overlays = app.attention_overlays(
+            image, result.word_attention, captioner.processor.image_processor, result.region_centres
+        )
         table = [[text, round(score, 4)] for text, score in result.captions]
         answers.append((result.captions[0][0], table, [np.asarray(overlay) for overlay, _ in overlays]))
     return answers

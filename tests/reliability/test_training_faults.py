@@ -376,7 +376,10 @@ def test_a_failed_checkpoint_write_stops_training_and_keeps_the_previous_checkpo
         f"checkpoint {previous} is intact." in log
     ), log[-3000:]
     assert "Traceback" not in log
-    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [
+        "checkpoint-2",
+        "run.json",
+    ]  # run.json: the run that wrote them
     assert checkpointing.verify_checkpoint(previous) == manifest
 
 
