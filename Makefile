@@ -17,13 +17,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # Train the attention captioner on the built-in shapes set (CPU, a few minutes; train.py also scores it on the test
-# split), print those test metrics from all_results.json, then caption example images it never saw.
+# split), print those test metrics from all_results.json, then caption example images it never saw with the beam
+# search those metrics were computed with (the saved defaults are greedy).
 demo: install
 	$(BIN)/python train.py --overwrite_output_dir
 	@$(BIN)/python -c "import json; results = json.load(open('outputs/shapes-attention/all_results.json')); \
 	print('Test split:', json.dumps({k[5:]: v for k, v in results.items() if k.startswith('test_')}))"
 	$(BIN)/python -c "from imgcap_hf.data import write_shapes_examples; write_shapes_examples('outputs/examples')"
-	$(BIN)/python -m imgcap_hf caption --model outputs/shapes-attention outputs/examples/*.png
+	$(BIN)/python -m imgcap_hf caption --model outputs/shapes-attention --num_beams 5 outputs/examples/*.png
 
 test: install
 	$(BIN)/ruff check .
