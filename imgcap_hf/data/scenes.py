@@ -19,7 +19,6 @@ process and on every machine. This module imports numpy and Pillow only (dataset
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -28,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shapes import _png_bytes
-from .splits import SPLITS
+from .shapes import _caption_dataset, _draw_distinct_splits
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -78,9 +76,6 @@ MAX_LONE_COUNT = 4
 MAX_PAIR_COUNT = 3
 _OBJECT_GAP_PX = 2  # between the boxes of two objects, so that counting them never needs to split touching shapes
 _PLACEMENT_TRIES = 40
-# Splits are generated in this order, each rejecting images already drawn for an earlier one, so that the test
-# images do not depend on how many training images are asked for.
-_GENERATION_ORDER = ("test", "validation", "train")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The words annotators choose from: the first entry of each tuple is the plain word, the others its synonyms
@@ -327,18 +322,7 @@ def generate_scenes(
         raise ValueError(
             f"image_size must be at least 48 pixels for small objects to stay recognisable, got {image_size}"
         )
-    seen_pixels: set[bytes] = set()
-    scenes: dict[str, list[Scene]] = {}
-    for split in _GENERATION_ORDER:
-        rng = np.random.default_rng([seed, SPLITS.index(split)])
-        scenes[split] = []
-        while len(scenes[split]) < counts[split]:
-            scene = _draw_scene(rng, image_size)
-            fingerprint = hashlib.sha1(scene.image.tobytes()).digest()
-            if fingerprint not in seen_pixels:
-                seen_pixels.add(fingerprint)
-                scenes[split].append(scene)
-    return {split: scenes[split] for split in SPLITS}
+    return _draw_distinct_splits(counts, seed, lambda rng: _draw_scene(rng, image_size))
 
 
 def make_scenes_dataset(
@@ -352,25 +336,7 @@ def make_scenes_dataset(
     order and in word choice (see `Annotator`). Same columns as every source (`schema.CAPTION_FEATURES`); the
     objects' boxes are in `generate_scenes`, which draws the same scenes. Deterministic like `make_shapes_dataset`.
     """
-    # datasets loads here rather than at the top, as in shapes.py.
-    from datasets import Dataset, DatasetDict
-
-    from .schema import CAPTION_FEATURES
-
-    scenes = generate_scenes(num_train, num_validation, num_test, image_size, seed)
-    return DatasetDict(
-        {
-            split: Dataset.from_dict(
-                {
-                    "image_id": [f"scenes-{split}-{index:05d}" for index in range(len(split_scenes))],
-                    "image": [{"bytes": _png_bytes(scene.image), "path": None} for scene in split_scenes],
-                    "captions": [list(scene.captions) for scene in split_scenes],
-                },
-                features=CAPTION_FEATURES,
-            )
-            for split, split_scenes in scenes.items()
-        }
-    )
+    return _caption_dataset("scenes", generate_scenes(num_train, num_validation, num_test, image_size, seed))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -127,13 +128,20 @@ def generate_shapes_scenes(
         raise ValueError(
             f"image_size must be at least 32 pixels for small shapes to stay recognisable, got {image_size}"
         )
+    return _draw_distinct_splits(counts, seed, lambda rng: _draw_shapes_scene(rng, image_size))
+
+
+def _draw_distinct_splits(counts: dict[str, int], seed: int, draw: Callable[[np.random.Generator], Any]) -> dict:
+    """`counts[split]` scenes per split from `draw`, each split with its own generator derived from `seed` and the
+    split, no image twice (a repeat is redrawn), in `_SHAPES_GENERATION_ORDER`. Shared by the synthetic sets
+    (shapes, scenes)."""
     seen_pixels: set[bytes] = set()
     scenes = {}
     for split in _SHAPES_GENERATION_ORDER:
         rng = np.random.default_rng([seed, SPLITS.index(split)])
         scenes[split] = []
         while len(scenes[split]) < counts[split]:
-            scene = _draw_shapes_scene(rng, image_size)
+            scene = draw(rng)
             fingerprint = hashlib.sha1(scene.image.tobytes()).digest()
             if fingerprint not in seen_pixels:
                 seen_pixels.add(fingerprint)
@@ -153,17 +161,21 @@ def make_shapes_dataset(
     (numpy's `default_rng` and Pillow's `ImageDraw` only; the PNG bytes also match wherever zlib is the same), and
     cheap enough to draw again on every run instead of being cached.
     """
+    return _caption_dataset("shapes", generate_shapes_scenes(num_train, num_validation, num_test, image_size, seed))
+
+
+def _caption_dataset(name: str, scenes: dict) -> DatasetDict:
+    """The drawn scenes of each split as rows of `schema.CAPTION_FEATURES` (ids `NAME-SPLIT-00000`, PNG images)."""
     # datasets loads here rather than at the top: the demo app imports this module for `write_shapes_examples` only.
     from datasets import Dataset, DatasetDict
 
     from .schema import CAPTION_FEATURES
 
-    scenes = generate_shapes_scenes(num_train, num_validation, num_test, image_size, seed)
     return DatasetDict(
         {
             split: Dataset.from_dict(
                 {
-                    "image_id": [f"shapes-{split}-{index:05d}" for index in range(len(split_scenes))],
+                    "image_id": [f"{name}-{split}-{index:05d}" for index in range(len(split_scenes))],
                     "image": [{"bytes": _png_bytes(scene.image), "path": None} for scene in split_scenes],
                     "captions": [list(scene.captions) for scene in split_scenes],
                 },
