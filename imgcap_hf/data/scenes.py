@@ -87,7 +87,7 @@ KIND_WORDS = {  # (singular, plural)
     "triangle": (("triangle", "triangles"), ("triangular shape", "triangular shapes")),
     "diamond": (("diamond", "diamonds"), ("rhombus", "rhombuses")),
     "cross": (("cross", "crosses"), ("plus sign", "plus signs"), ("plus", "pluses")),
-    "star": (("star", "stars"), ("five-pointed star", "five-pointed stars")),
+    "star": (("star", "stars"),),
 }
 COLOUR_WORDS = {
     "red": ("red", "bright red"),
@@ -99,7 +99,7 @@ COLOUR_WORDS = {
     "pink": ("pink", "magenta"),
     "black": ("black",),
 }
-SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "fairly large")}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 COUNT_WORDS = {1: ("a", "one", "a single"), 2: ("two", "a pair of", "2"), 3: ("three", "3"), 4: ("four", "4")}
 VAGUE_COUNT_WORDS = ("some", "several", "a few")  # for two or more
 TOTAL_COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}

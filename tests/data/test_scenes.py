@@ -60,7 +60,7 @@ def test_scenes_match_the_pinned_digest():
     If the generator is changed on purpose, update the digest and the human-agreement figures in the README.
     """
     scenes = generate_scenes(num_train=4, num_validation=2, num_test=4, image_size=64, seed=0)
-    assert digest_of(scenes) == "f4650ed73c948414ffe9beb2b67603524c3bb636"
+    assert digest_of(scenes) == "32961eff91b18c7068b80bb89461a0cc44cd2ccf"
 
 
 def test_scenes_have_the_asked_sizes_five_distinct_captions_and_share_no_image(scenes):
@@ -130,7 +130,7 @@ NOUN_KIND = {
     "triangle": "triangle", "triangular shape": "triangle",
     "diamond": "diamond", "rhombus": "diamond",
     "cross": "cross", "plus sign": "cross", "plus": "cross",
-    "star": "star", "five-pointed star": "star",
+    "star": "star",
 }  # fmt: skip
 PLURALS = {"box": "boxes", "cross": "crosses", "rhombus": "rhombuses", "plus": "pluses"}
 COLOUR_MEANING = {
@@ -142,7 +142,7 @@ SIZE_MEANING = {"small": "small", "little": "small", "tiny": "small", "large": "
 COUNT_MEANING = {"a": 1, "an": 1, "one": 1, "a single": 1, "two": 2, "2": 2, "a pair of": 2, "three": 3, "3": 3}
 COUNT_MEANING |= {"four": 4, "4": 4, "some": "2+", "several": "2+", "a few": "2+"}
 TOTAL_MEANING = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
-ADJECTIVE_WORDS = sorted({*COLOUR_MEANING, *SIZE_MEANING, "fairly large"}, key=len, reverse=True)
+ADJECTIVE_WORDS = sorted({*COLOUR_MEANING, *SIZE_MEANING}, key=len, reverse=True)
 NOUNS = sorted([*NOUN_KIND, *(PLURALS.get(noun, noun + "s") for noun in NOUN_KIND)], key=len, reverse=True)
 
 
