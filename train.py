@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 import typing
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--per_device_eval_batch_size", type=int, default=64)
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
     training.add_argument("--learning_rate", type=float, default=4e-4)
+    training.add_argument(
+        "--encoder_learning_rate",
+        type=float,
+        default=None,
+        help="Learning rate of the encoder's trained part, in an AdamW group of its own under the same schedule. "
+        "Default: a tenth of --learning_rate for the pretrained stages that --trainable_encoder_stages fine-tunes "
+        "(between the ratios of neuraltalk2, 1e-5 beside 4e-4, and of the common Show-Attend-Tell PyTorch tutorial, "
+        "1e-4 beside 4e-4); --learning_rate itself for a whole encoder trained with --no-freeze_encoder, as the "
+        "built-in recipes train theirs from random weights.",
+    )
+    training.add_argument(
+        "--label_smoothing",
+        type=float,
+        default=0.0,
+        help="Label smoothing of the cross-entropy, in [0, 1): that share of each target word's probability is spread "
+        "evenly over the vocabulary (ignored positions stay ignored). 0: plain cross-entropy.",
+    )
     training.add_argument("--weight_decay", type=float, default=1e-4)
     training.add_argument("--num_train_epochs", type=int, default=10)
     training.add_argument("--max_train_steps", type=int, default=None, help="Overrides num_train_epochs.")
@@ -204,6 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     check_flag_values(parser, args)
+    if args.encoder_learning_rate is None:  # resolved here, so that training_args.json records the rate used
+        fine_tunes_stages = args.freeze_encoder and args.trainable_encoder_stages > 0
+        args.encoder_learning_rate = args.learning_rate / 10 if fine_tunes_stages else args.learning_rate
     if args.push_to_hub:  # checked now, not when training is over
         if not publishing.is_repo_id(args.hub_model_id):
             parser.error(f"--push_to_hub needs --hub_model_id USER/NAME, got {args.hub_model_id!r}")
@@ -221,7 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         config = ImgCapConfig(**model_kwargs)
     except (ValueError, StrictDataclassError) as error:
-        parser.error(f"model flags: {error}")
+        parser.error(f"model flags: {error.__cause__ or error}")  # the validator's own sentence, on one line
     for name, value in model_kwargs.items():
         if isinstance(value, str | int | float | bool):  # sub-configs stay as the mappings the flags gave
             setattr(args, name, getattr(config, name))
@@ -235,7 +256,7 @@ COUNT_MINIMUMS = {
     "min_word_frequency": 1, "max_caption_length": 2, "dataloader_num_workers": 0, "per_device_train_batch_size": 1,
     "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1, "num_train_epochs": 1, "max_train_steps": 1,
     "num_warmup_steps": 0, "checkpoints_total_limit": 0, "max_consecutive_nonfinite": 1, "logging_steps": 1,
-    "num_beams": 1, "max_new_tokens": 1,
+    "num_beams": 1, "max_new_tokens": 1, "trainable_encoder_stages": 0,
 }  # fmt: skip
 LARGEST_SEED = 2**32 - 1  # numpy's generator, which set_seed also seeds, takes no more
 
@@ -262,12 +283,23 @@ def check_flag_values(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if not isinstance(value, int | float) or not math.isfinite(value) or not above_low or value > high:
             bounds = f"{'>=' if low_included else '>'} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
             parser.error(f"--{name} must be a finite number {bounds}, got {value!r}")
+    encoder_rate = args.encoder_learning_rate
+    if encoder_rate is not None and (
+        not isinstance(encoder_rate, int | float) or not math.isfinite(encoder_rate) or encoder_rate <= 0
+    ):
+        parser.error(f"--encoder_learning_rate must be a finite number > 0, got {encoder_rate!r}")
+    smoothing = args.label_smoothing
+    if not isinstance(smoothing, int | float) or not 0.0 <= smoothing < 1.0:  # also refuses nan
+        parser.error(f"--label_smoothing must be a number >= 0 and < 1, got {smoothing!r}")
     checkpointing_steps = str(args.checkpointing_steps)
     if checkpointing_steps not in ("epoch", "no") and not (checkpointing_steps.isdigit() and int(checkpointing_steps)):
         parser.error(f"--checkpointing_steps must be a positive integer, 'epoch' or 'no', got {checkpointing_steps!r}")
     check_path_flags(parser, args)
-    if args.feature_cache == "on" and not args.freeze_encoder:
-        parser.error("--feature_cache on needs --freeze_encoder: a trained encoder changes its features")
+    if args.feature_cache == "on" and trains_encoder(args):
+        parser.error(
+            "--feature_cache on needs --freeze_encoder and --trainable_encoder_stages 0: a trained encoder changes "
+            "its features"
+        )
     if args.overwrite_output_dir and args.resume_from_checkpoint:
         parser.error(
             "--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: give only one"
@@ -529,8 +561,14 @@ def build_progress_bar(accelerator: Accelerator, total_steps: int, completed_ste
     return tqdm(total=total_steps, initial=completed_steps)
 
 
+def trains_encoder(args: argparse.Namespace) -> bool:
+    """Whether any part of the encoder trains (`ImgCapConfig.trains_encoder` for the flags)."""
+    return not args.freeze_encoder or args.trainable_encoder_stages > 0
+
+
 def use_feature_cache(args: argparse.Namespace) -> bool:
-    return args.feature_cache == "on" or (args.feature_cache == "auto" and args.freeze_encoder)
+    """'auto' caches the features of an encoder that never changes: not when any part of it trains."""
+    return args.feature_cache == "on" or (args.feature_cache == "auto" and not trains_encoder(args))
 
 
 def encode_all_splits(args, accelerator: Accelerator, model, splits, image_processor) -> dict[str, torch.Tensor]:
@@ -545,6 +583,24 @@ def encode_all_splits(args, accelerator: Accelerator, model, splits, image_proce
         )
     logger.info(f"Feature cache: {sum(f.numel() * f.element_size() for f in features.values()) / 2**20:.1f} MiB")
     return features
+
+
+def build_optimizer(args: argparse.Namespace, model: ImgCapForConditionalGeneration) -> torch.optim.AdamW:
+    """AdamW over the parameters that train. Where --encoder_learning_rate differs from --learning_rate, the encoder's
+    trained parameters form a second group with their own rate, after the decoder's group (the one whose rate the
+    logs show); the schedule scales both alike. With equal rates there is one group, as in runs whose checkpoints
+    hold one."""
+    trained = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    if args.encoder_learning_rate == args.learning_rate:
+        groups = [{"params": [parameter for _, parameter in trained]}]
+    else:
+        groups = [
+            {"params": [parameter for name, parameter in trained if not name.startswith("encoder.")]},
+            {"params": [parameter for name, parameter in trained if name.startswith("encoder.")],
+             "lr": args.encoder_learning_rate},
+        ]  # fmt: skip
+        groups = [group for group in groups if group["params"]]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
 
 
 def build_train_dataloader(args, train_split, image_processor, caption_ids, features) -> DataLoader:
@@ -715,7 +771,7 @@ class TrainingRun:
     output_dir: Path
     accelerator: Accelerator
     model: torch.nn.Module  # as prepared by accelerate (wrapped for DDP on several processes)
-    training_forward: Any  # the model, compiled with --torch_compile
+    training_forward: Any  # the model (compiled with --torch_compile), its loss smoothed by --label_smoothing
     optimizer: torch.optim.Optimizer
     scheduler: Any
     train_dataloader: DataLoader
@@ -953,9 +1009,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_dataloader = build_train_dataloader(
         args, splits["train"], image_processor, train_caption_ids, features.get("train")
     )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
-    )
+    optimizer = build_optimizer(args, model)
     args.max_train_steps, num_epochs = plan_training_steps(args, len(train_dataloader), accelerator.num_processes)
     scheduler = get_scheduler(
         args.lr_scheduler_type,
@@ -965,7 +1019,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
-    training_forward = torch.compile(model) if args.torch_compile else model
+    # The cross-entropy loss that the model computes from the labels, smoothed by --label_smoothing.
+    training_forward = partial(
+        torch.compile(model) if args.torch_compile else model, label_smoothing=args.label_smoothing
+    )
 
     # ---- Resume: the model, optimizer, schedule, RNG and progress of the checkpoint -------------------------------
     if args.with_tracking:

@@ -366,7 +366,10 @@ def model_facts(records: RunRecords) -> dict[str, Any]:
     args, config, results = records.training_args, records.config, records.results
     pretrained = args.get("vision_model_name_or_path")
     encoder = f"`{pretrained}` weights" if pretrained else "randomly initialised"
-    if config.get("freeze_encoder"):
+    trained_stages = config.get("trainable_encoder_stages", 0)
+    if config.get("freeze_encoder") and trained_stages:
+        encoder += f", frozen except its last {trained_stages} stage{'s' if trained_stages > 1 else ''} (fine-tuned)"
+    elif config.get("freeze_encoder"):
         encoder += ", frozen"
     else:
         encoder += ", fine-tuned with the decoder" if pretrained else ", trained with the decoder"

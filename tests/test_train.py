@@ -205,39 +205,39 @@ def test_a_new_config_field_is_a_flag_with_its_default_and_help_and_reaches_the_
     class ConfigWithNewFields(ImgCapConfig):
         r"""
         Args:
-            label_smoothing (`float`, *optional*, defaults to 0.05):
-                Share of the target probability spread over the
-                other words.
+            word_dropout (`float`, *optional*, defaults to 0.05):
+                Share of the input words replaced by
+                the unknown word.
             tie_embeddings (`bool`, *optional*, defaults to `False`):
                 Share the word embeddings with the output layer.
             cell_type (`str`, *optional*, defaults to `"lstm"`):
                 The recurrent cell.
         """
 
-        label_smoothing: float = 0.05
+        word_dropout: float = 0.05
         tie_embeddings: bool = False
         cell_type: Literal["lstm", "gru"] = "lstm"
 
     monkeypatch.setattr(train, "ImgCapConfig", ConfigWithNewFields)
     flags = {action.dest: action for action in train.build_parser()._actions}
-    assert flags["label_smoothing"].default == 0.05 and flags["label_smoothing"].type is float
-    assert flags["label_smoothing"].help == "Share of the target probability spread over the other words."
+    assert flags["word_dropout"].default == 0.05 and flags["word_dropout"].type is float
+    assert flags["word_dropout"].help == "Share of the input words replaced by the unknown word."
     assert flags["tie_embeddings"].default is False and flags["tie_embeddings"].help.startswith("Share the word")
     assert list(flags["cell_type"].choices) == ["lstm", "gru"] and flags["cell_type"].default == "lstm"
     assert flags["hidden_size"].help == "Size of the LSTM hidden state."  # the base class's entries still count
 
     args = train.parse_args(
-        tiny_args(tmp_path, "attention", "--label_smoothing", "0.2", "--tie_embeddings", "--cell_type", "gru")
+        tiny_args(tmp_path, "attention", "--word_dropout", "0.2", "--tie_embeddings", "--cell_type", "gru")
     )
     config = train.build_model(args, vocab_size=40).config
     assert isinstance(config, ConfigWithNewFields)
-    assert (config.label_smoothing, config.tie_embeddings, config.cell_type) == (0.2, True, "gru")
+    assert (config.word_dropout, config.tie_embeddings, config.cell_type) == (0.2, True, "gru")
     assert (config.hidden_size, config.vocab_size, config.decoder_type) == (32, 40, "attention")
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("label_smoothing: 0.3\nhidden_size: 48\n")
+    recipe.write_text("word_dropout: 0.3\nhidden_size: 48\n")
     from_recipe = train.parse_args(["--config", str(recipe)])
-    assert (from_recipe.label_smoothing, from_recipe.hidden_size) == (0.3, 48)
+    assert (from_recipe.word_dropout, from_recipe.hidden_size) == (0.3, 48)
     with pytest.raises(SystemExit):
         train.parse_args(["--cell_type", "rnn"])
 

@@ -70,7 +70,15 @@ class ImgCapConfig(PreTrainedConfig):
             Add a learned position embedding to every region feature. The pooled grid carries no position information
             of its own, so captions that say "left" or "right" need this. Off in the published configuration.
         freeze_encoder (`bool`, *optional*, defaults to `True`):
-            Keep the image encoder's weights fixed: it runs without gradients and with its BatchNorm in eval mode.
+            Keep the image encoder's weights fixed (all of them, or all below its `trainable_encoder_stages` last
+            stages): the fixed part runs without gradients and with its BatchNorm in eval mode. `False`: the whole
+            encoder trains, its BatchNorm statistics included (as when it starts from random weights).
+        trainable_encoder_stages (`int`, *optional*, defaults to 0):
+            With `freeze_encoder`, the number of the backbone's last stages that still train (fine-tuning a
+            pretrained backbone from the top down); its stem and earlier stages stay fixed and keep no activations for
+            the backward pass. Every BatchNorm layer of the backbone keeps its running statistics, the trained stages'
+            included (their scales and shifts train). Needs a backbone built of stages (ResNet's and ConvNeXt's
+            `vision_config.depths` count them); 0 keeps the whole backbone fixed.
         teacher_forcing_ratio (`float`, *optional*, defaults to 1.0):
             Probability, per step and caption, of feeding the ground-truth previous word during training; otherwise
             the model's own previous prediction is fed (scheduled sampling). The published recipe used 0.9.
@@ -110,6 +118,7 @@ class ImgCapConfig(PreTrainedConfig):
     region_grid_size: int = 7
     use_region_positions: bool = False
     freeze_encoder: bool = True
+    trainable_encoder_stages: int = 0
     teacher_forcing_ratio: float = 1.0
     unk_token_id: int = 0
     pad_token_id: int = 1
@@ -149,6 +158,40 @@ class ImgCapConfig(PreTrainedConfig):
         special_ids = (self.unk_token_id, self.pad_token_id, self.bos_token_id, self.eos_token_id)
         if any(not 0 <= token_id < self.vocab_size for token_id in special_ids):
             raise ValueError(f"special token ids {special_ids} must lie inside the vocabulary of {self.vocab_size}")
+
+    def validate_encoder_freezing(self):
+        """The trained stages lie inside a frozen backbone that has that many stages."""
+        self.check_encoder_freezing(self.freeze_encoder, self.trainable_encoder_stages)
+
+    def check_encoder_freezing(self, freeze_encoder: bool, trainable_encoder_stages: int) -> None:
+        """Raise `ValueError` unless `freeze_encoder` and `trainable_encoder_stages` make sense together for this
+        backbone (`ImgCapForConditionalGeneration.freeze_encoder` checks its arguments with it before applying
+        them)."""
+        if isinstance(trainable_encoder_stages, bool) or trainable_encoder_stages < 0:
+            raise ValueError(f"trainable_encoder_stages must be an integer >= 0, got {trainable_encoder_stages!r}")
+        if trainable_encoder_stages == 0:
+            return
+        if not freeze_encoder:
+            raise ValueError(
+                f"trainable_encoder_stages={trainable_encoder_stages} needs freeze_encoder=True (frozen below those "
+                "stages): with freeze_encoder=False the whole encoder trains already"
+            )
+        num_stages = len(getattr(self.vision_config, "depths", None) or [])
+        if num_stages == 0:
+            raise ValueError(
+                f"trainable_encoder_stages needs a backbone built of stages (ResNet, ConvNeXt); "
+                f"{self.vision_config.model_type} has none: train all of it with freeze_encoder=False instead"
+            )
+        if trainable_encoder_stages > num_stages:
+            raise ValueError(
+                f"trainable_encoder_stages must be at most {num_stages}, the number of stages of the "
+                f"{self.vision_config.model_type} backbone, got {trainable_encoder_stages}"
+            )
+
+    @property
+    def trains_encoder(self) -> bool:
+        """Whether any part of the backbone trains (its features then change from step to step)."""
+        return not self.freeze_encoder or self.trainable_encoder_stages > 0
 
     @property
     def vision_feature_size(self) -> int:

@@ -71,7 +71,7 @@ class ImgCapOutput(ModelOutput):
 
     Args:
         loss: mean cross-entropy over the label positions that are not -100 (when `labels` are given); with
-            `num_items_in_batch`, their summed cross-entropy divided by it.
+            `num_items_in_batch`, their summed cross-entropy divided by it; smoothed with `label_smoothing`.
         logits: `(batch, steps, vocab_size)` next-word scores.
         cache: the `ImgCapDecoderState` after the last step, to continue decoding from (when `use_cache`).
         cross_attentions: attention decoder with `output_attentions=True`: a one-element tuple (one attention layer)
@@ -205,11 +205,21 @@ def _backbone_init_kwargs(vision_config) -> dict:
     return {}
 
 
+def _backbone_stages(backbone: nn.Module) -> nn.ModuleList | None:
+    """The backbone's stages in order, where its transformers model keeps them as `encoder.stages` (ResNet, ConvNeXt,
+    RegNet, ...); None for a backbone built otherwise (ViT's layers, Swin's)."""
+    return getattr(getattr(backbone, "encoder", None), "stages", None)
+
+
 class ImgCapVisionEncoder(nn.Module):
     """Runs the vision backbone and returns its output as a sequence of region features.
 
     A 4-D feature map (ResNet, ConvNeXt) is adaptive-average-pooled to a `region_grid_size` square grid; a patch-token
     backbone (ViT) keeps its patch tokens and drops the class/distillation tokens in front of them.
+
+    With `config.trainable_encoder_stages`, the backbone runs with gradients, but its fixed stem and stages have
+    `requires_grad=False` and see images that need no gradient: autograd records nothing for them (their outputs have
+    no `grad_fn`), so they keep no activations, as under `torch.no_grad()`, and only the trained stages do.
     """
 
     main_input_name = "pixel_values"
@@ -235,7 +245,7 @@ class ImgCapVisionEncoder(nn.Module):
         # same features up to float rounding.
         pixel_values = pixel_values.to(dtype=self.backbone.dtype).contiguous(memory_format=torch.channels_last)
         # A frozen backbone needs no autograd graph: that saves its activations' memory during training.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.trains_encoder):
             if self.gradient_checkpointing and isinstance(self.backbone, ResNetModel) and torch.is_grad_enabled():
                 features = self._checkpointed_resnet_features(pixel_values)
             else:
@@ -250,9 +260,10 @@ class ImgCapVisionEncoder(nn.Module):
 
     def _checkpointed_resnet_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`ResNetModel`'s last hidden state (its stem, then every residual block in order; its pooler is unused
-        here), the stem and each block under activation checkpointing: their inner activations are recomputed in the
-        backward pass instead of being kept, which is what lets a trained ResNet-50 fit large batches. transformers'
-        ResNet has no checkpointing of its own."""
+        here), the stem and each block that trains under activation checkpointing: their inner activations are
+        recomputed in the backward pass instead of being kept, which is what lets a trained ResNet-50 fit large
+        batches. transformers' ResNet has no checkpointing of its own. Fixed parts (below `trainable_encoder_stages`)
+        keep no activations anyway and run as they are."""
         hidden = self._checkpointed(self.backbone.embedder, pixel_values)  # (batch, embedding_size, height / 4, ...)
         for stage in self.backbone.encoder.stages:
             for block in stage.layers:
@@ -263,6 +274,8 @@ class ImgCapVisionEncoder(nn.Module):
         """`module(hidden)` under activation checkpointing. The backward pass calls the module again to recompute its
         activations, and BatchNorm in training mode would then update its running statistics a second time with the
         same batch: that second call puts them back as they were."""
+        if not any(parameter.requires_grad for parameter in module.parameters()):
+            return module(hidden)  # a fixed module: nothing to recompute
         calls = 0
 
         def run(inputs: torch.Tensor) -> torch.Tensor:
@@ -497,7 +510,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         else:
             self.decoder = ImgCapPooledDecoder(config)
         self.post_init()
-        self.freeze_encoder(config.freeze_encoder)
+        self.freeze_encoder(config.freeze_encoder, config.trainable_encoder_stages)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Encoder handling: freezing, pretrained backbones
@@ -511,7 +524,8 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
 
         The backbone is checkpointed block by block: a ResNet by `ImgCapVisionEncoder`, any other backbone by its own
         transformers implementation where it has one (ViT does). The LSTM decoder keeps its activations: they are
-        small next to a trained backbone's. A frozen backbone runs without gradients and needs no checkpointing.
+        small next to a trained backbone's. A frozen backbone runs without gradients and needs no checkpointing; with
+        `trainable_encoder_stages`, only the blocks of the trained stages are checkpointed.
         """
         backbone = self.encoder.backbone
         if enable and not (isinstance(backbone, ResNetModel) or backbone.supports_gradient_checkpointing):
@@ -538,25 +552,53 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.decoder.output = new_embeddings
 
-    def freeze_encoder(self, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the backbone: no gradients, BatchNorm statistics fixed, recorded in the config."""
-        self.config.freeze_encoder = frozen
+    def freeze_encoder(self, frozen: bool = True, trainable_stages: int = 0) -> None:
+        """Freeze (or unfreeze) the backbone: no gradients, BatchNorm statistics fixed, recorded in the config. With
+        `frozen` and `trainable_stages` N > 0, its last N stages still train (see `config.trainable_encoder_stages`).
+        """
+        self.config.check_encoder_freezing(frozen, trainable_stages)
+        stages = _backbone_stages(self.encoder.backbone)
+        if trainable_stages and stages is None:
+            raise ValueError(
+                f"trainable_encoder_stages needs a backbone whose stages are `encoder.stages` (ResNet, ConvNeXt); "
+                f"{type(self.encoder.backbone).__name__} keeps none: train all of it with freeze_encoder=False instead"
+            )
+        self.config.freeze_encoder, self.config.trainable_encoder_stages = frozen, trainable_stages
         self.encoder.backbone.requires_grad_(not frozen)
+        for stage in self._trained_encoder_stages():
+            stage.requires_grad_(True)
         self.train(self.training)
 
+    def _trained_encoder_stages(self) -> list[nn.Module]:
+        """The backbone stages that train inside a frozen backbone (`config.trainable_encoder_stages` last ones)."""
+        if not self.config.trainable_encoder_stages:
+            return []
+        return list(_backbone_stages(self.encoder.backbone))[-self.config.trainable_encoder_stages :]
+
     def train(self, mode: bool = True):
+        """`nn.Module.train`, except that a frozen backbone stays in eval mode: it keeps its BatchNorm running
+        statistics. Stages trained inside it (`trainable_encoder_stages`) follow `mode`, but their BatchNorm layers
+        stay in eval mode too: they normalise with the pretrained statistics and only their scales and shifts train.
+        A captioning batch holds few images (each with several captions), which would give noisy batch statistics,
+        and normalising the same way in training and evaluation keeps the trained stages' features what they were
+        trained to be; fine-tuning a pretrained CNN commonly freezes them this way."""
         super().train(mode)
         if self.config.freeze_encoder:
-            self.encoder.backbone.eval()  # a frozen backbone keeps its BatchNorm running statistics
+            self.encoder.backbone.eval()
+            for stage in self._trained_encoder_stages():
+                stage.train(mode)
+                for module in stage.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        module.eval()
         return self
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then re-apply `config.freeze_encoder`: loading re-creates the parameters
-        with `requires_grad=True`, which would silently unfreeze the backbone."""
+        """`PreTrainedModel.from_pretrained`, then re-apply `config.freeze_encoder` and `trainable_encoder_stages`:
+        loading re-creates the parameters with `requires_grad=True`, which would silently unfreeze the backbone."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.freeze_encoder(model.config.freeze_encoder)
+        model.freeze_encoder(model.config.freeze_encoder, model.config.trainable_encoder_stages)
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -635,6 +677,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         decoder_attention_mask: torch.LongTensor | None = None,
         image_indices: torch.LongTensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
         **kwargs,
     ) -> ImgCapOutput | tuple:
         r"""
@@ -656,6 +699,9 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
             num_items_in_batch: the number of label tokens (not -100) over all micro-batches of one optimizer step,
                 which Trainer passes under gradient accumulation: the loss is then the sum over this batch's tokens
                 divided by it, and the micro-batches' losses add up to the mean over all their tokens.
+            label_smoothing: training only; the loss at each label position becomes `(1 - label_smoothing)` times
+                the cross-entropy of the label plus `label_smoothing` times the mean cross-entropy over the whole
+                vocabulary (positions at -100 still count for nothing). 0 is the plain cross-entropy.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = bool(output_attentions)
@@ -694,11 +740,12 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
+            flat_logits, flat_labels = logits.flatten(0, 1).float(), labels.flatten()  # (batch * steps, vocab), (...)
             if num_items_in_batch is None:
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, label_smoothing=label_smoothing)
             else:
                 summed = F.cross_entropy(
-                    logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+                    flat_logits, flat_labels, ignore_index=-100, reduction="sum", label_smoothing=label_smoothing
                 )
                 loss = summed / num_items_in_batch
 
