@@ -47,6 +47,7 @@ FILE_META = {"meta": {"_type": "gradio.FileData"}}
 REQUEST_TIMEOUT = 120.0  # seconds; a request that takes longer counts as an error ("timeout")
 BURST = 8  # requests sent at once by a burst
 WARM_UP_REQUESTS = 5
+START_UP_TIMEOUT = 900.0  # seconds for the app to answer: loading torch and Gradio is slow on a busy machine
 # "Flat" resident memory: the end at most this much above the memory after warm-up (the first minute fills Gradio's
 # session records and the worker threads' stacks), and over the run's second half a least-squares trend through the
 # samples (one a second, so that the requests in flight at any one moment weigh little) of at most this much.
@@ -382,13 +383,13 @@ def start_server(model: Path, port: int, log_path: Path) -> subprocess.Popen:
         [sys.executable, "app.py", "--model", str(model), "--port", str(port)],
         cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + START_UP_TIMEOUT
     while True:
         if process.poll() is not None:
             raise SystemExit(f"the app exited at start-up:\n{log_path.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             process.kill()
-            raise SystemExit("the app did not start in 300 s")
+            raise SystemExit(f"the app did not start in {START_UP_TIMEOUT:.0f} s")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=5).status_code == 200:
                 return process
