@@ -11,8 +11,9 @@ good image must get a caption, its table and every heatmap file whole and decoda
 oversized upload HTTP 413; a full queue the busy answer (counted, not an error).
 
 The report: requests answered, errors by kind, p50/p99 latency of the good requests per endpoint, the server's
-resident memory after warm-up and at the end, and whether the server process was the same one throughout. The exit
-status is 1 when any error or a restart happened. Not part of the test suite: its figures go in the README
+resident memory after warm-up and at the end with the verdict on whether it stayed flat (`memory_verdict`), and
+whether the server process was the same one throughout. The exit status is 1 when any error, a restart or memory
+that did not stay flat happened. Not part of the test suite: its figures go in the README
 ("Robustness and security"), next to this command.
 """
 
@@ -46,6 +47,13 @@ FILE_META = {"meta": {"_type": "gradio.FileData"}}
 REQUEST_TIMEOUT = 120.0  # seconds; a request that takes longer counts as an error ("timeout")
 BURST = 8  # requests sent at once by a burst
 WARM_UP_REQUESTS = 5
+START_UP_TIMEOUT = 900.0  # seconds for the app to answer: loading torch and Gradio is slow on a busy machine
+# "Flat" resident memory: the end at most this much above the memory after warm-up (the first minutes fill Gradio's
+# `STATE_SESSION_CAPACITY` session records, about 60 MB, and start worker threads), and over the run's second half a
+# least-squares trend through the samples (one a second, so that the requests in flight at any one moment weigh
+# little) of at most this much.
+FLAT_TOTAL_GROWTH_MB = 80.0
+FLAT_SECOND_HALF_TREND_MB = 20.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -376,19 +384,36 @@ def start_server(model: Path, port: int, log_path: Path) -> subprocess.Popen:
         [sys.executable, "app.py", "--model", str(model), "--port", str(port)],
         cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + START_UP_TIMEOUT
     while True:
         if process.poll() is not None:
             raise SystemExit(f"the app exited at start-up:\n{log_path.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             process.kill()
-            raise SystemExit("the app did not start in 300 s")
+            raise SystemExit(f"the app did not start in {START_UP_TIMEOUT:.0f} s")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=5).status_code == 200:
                 return process
         except httpx.TransportError:
             pass
         time.sleep(0.5)
+
+
+def memory_verdict(samples: list[tuple[float, float]]) -> tuple[bool, str]:
+    """(flat, the sentence saying why) for (seconds since warm-up, resident MB) samples, the first taken right after
+    warm-up and the last at the end: flat when the end is at most `FLAT_TOTAL_GROWTH_MB` above the first, and the
+    least-squares trend through the second half's samples rises at most `FLAT_SECOND_HALF_TREND_MB` over that half."""
+    (start_time, start), (end_time, end) = samples[0], samples[-1]
+    half_time = (start_time + end_time) / 2
+    second_half = np.array([sample for sample in samples if sample[0] >= half_time])  # (samples, 2)
+    slope = np.polyfit(second_half[:, 0], second_half[:, 1], 1)[0] if len(second_half) >= 2 else 0.0  # MB a second
+    trend = float(slope * (end_time - half_time))
+    flat = end - start <= FLAT_TOTAL_GROWTH_MB and trend <= FLAT_SECOND_HALF_TREND_MB
+    return flat, (
+        f"{'flat' if flat else 'NOT FLAT'}: {end - start:+.0f} MB from warm-up to the end (at most "
+        f"+{FLAT_TOTAL_GROWTH_MB:.0f}), trend {trend:+.0f} MB over the second half (at most "
+        f"+{FLAT_SECOND_HALF_TREND_MB:.0f})"
+    )
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -436,11 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             while time.monotonic() < deadline:
                 traffic.step()
 
-        memory_by_minute = [memory_start]  # resident memory sampled once a minute: growth or a plateau
+        memory_by_minute = [memory_start]  # resident memory once a minute, for the report
+        memory_samples = [(0.0, memory_start)]  # (seconds since warm-up, MB) once a second, for the verdict
         with ThreadPoolExecutor(args.clients) as pool:
             futures = [pool.submit(client_loop, index) for index in range(args.clients)]
             while not all(future.done() for future in futures):
                 resident = resident_megabytes(process.pid)
+                memory_samples.append((time.monotonic() - started, resident))
                 memory_peak = max(memory_peak, resident)
                 if time.monotonic() - started >= 60 * len(memory_by_minute):
                     memory_by_minute.append(resident)
@@ -449,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                 future.result()
         elapsed = time.monotonic() - started
         memory_end = resident_megabytes(process.pid)
+        memory_samples.append((elapsed, memory_end))
+        memory_flat, memory_report = memory_verdict(memory_samples)
         same_server = process.poll() is None
         if same_server:
             same_server = httpx.get(f"{url}gradio_api/info", timeout=30).status_code == 200
@@ -476,9 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         f"server resident memory: {memory_start:.0f} MB after warm-up, {memory_end:.0f} MB at the end "
         f"(peak {memory_peak:.0f} MB); each minute: {', '.join(f'{mb:.0f}' for mb in memory_by_minute)} MB"
     )
+    print(f"server resident memory {memory_report}")
     print(f"server process: {'the same one throughout' if same_server else 'EXITED OR STOPPED ANSWERING'}")
     print(f"server log: {workspace / 'server.log'}")
-    return 0 if same_server and not tally.errors else 1
+    return 0 if same_server and not tally.errors and memory_flat else 1
 
 
 if __name__ == "__main__":
