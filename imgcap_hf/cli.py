@@ -14,7 +14,8 @@ argument parser before anything is loaded: a usage line, one `error:` line, exit
 `evaluate` prints one JSON object with `bleu_1`..`bleu_4`, `cider`, `rouge_l` (and `meteor` where Java is available),
 `num_images` and `tokenizer`, the caption tokenizer the scores were computed with (`ptb-java` or `python`).
 `clear-feature-cache` empties train.py's feature cache folder (default `HF_HOME/imgcap_hf/feature_cache`, see
-`imgcap_hf/feature_cache.py`); the next run with a frozen encoder encodes its images again.
+`imgcap_hf/feature_cache.py`) and prints `{"feature_cache_dir": DIR, "removed": [NAME, ...]}`; the next run with a
+frozen encoder encodes its images again.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_clear_feature_cache(args: argparse.Namespace) -> int:
     folder = Path(args.feature_cache_dir) if args.feature_cache_dir else default_cache_dir()
     removed = clear_feature_cache(folder)
-    print(f"Removed {len(removed)} entries from {folder}")
+    print(json.dumps({"feature_cache_dir": str(folder), "removed": removed}))
     return 0
 
 

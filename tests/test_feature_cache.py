@@ -101,15 +101,17 @@ def test_each_part_of_the_key_changes_it():
 def test_image_files_are_keyed_by_path_size_and_modification_time(tmp_path):
     paths = []
     for index in range(2):
-        path = tmp_path / f"{index}.png"
+        path = tmp_path / f"{index}.bmp"  # uncompressed: another picture has the same size
         Image.new("RGB", (8, 8), (index * 100, 0, 0)).save(path)
         paths.append(str(path))
     split = datasets.Dataset.from_dict({"image_id": ["0", "1"], "image": paths, "captions": [["a"], ["b"]]},
                                        features=CAPTION_FEATURES)  # fmt: skip
     before = feature_cache.split_digest(split)
     assert feature_cache.split_digest(split) == before
-    Image.new("RGB", (8, 8), (0, 0, 250)).save(paths[1])  # rewritten in place, same name
+    size = os.path.getsize(paths[1])
+    Image.new("RGB", (8, 8), (0, 0, 250)).save(paths[1])  # another picture under the same name, of the same size
     os.utime(paths[1], ns=(1, 1))  # and a modification time of its own, whatever the clock's resolution
+    assert os.path.getsize(paths[1]) == size
     assert feature_cache.split_digest(split) != before
 
 
@@ -203,7 +205,9 @@ def test_clear_feature_cache_removes_every_entry(tmp_path, capsys):
     model, processor = build_tiny_captioner("attention")
     load(tmp_path, model, processor, png_split(2))
     assert cli.main(["clear-feature-cache", "--feature_cache_dir", str(tmp_path)]) == 0
-    assert list(tmp_path.iterdir()) == [] and "Removed 2 entries" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["feature_cache_dir"] == str(tmp_path) and len(printed["removed"]) == 2  # the split and its lock
 
 
 TWO_PROCESS_WORKER = """
