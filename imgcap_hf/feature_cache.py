@@ -399,6 +399,7 @@ def load_or_encode(
         parts = cache_key_parts(encoder, image_processor, split, dtype) if accelerator.is_main_process else None
         key = _shared_key(accelerator, cache_key(parts) if parts is not None else None)
         with _held_lock(cache_dir / (key + LOCK_SUFFIX), held=accelerator.is_main_process):
+            accelerator.wait_for_everyone()  # no process looks at the folder before the main one holds the lock
             manifest = _verified_everywhere(accelerator, cache_dir, key)
             built, encoded = manifest is None, 0
             if built:  # `parts` only on the main process, which writes the manifest
