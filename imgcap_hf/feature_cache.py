@@ -54,6 +54,7 @@ from typing import Any
 
 import datasets
 import torch
+from accelerate.utils import broadcast
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -319,11 +320,11 @@ def _build(accelerator, model, split, image_processor, *, folder: Path, key, par
     error: OSError | None = None
     if accelerator.is_main_process:
         try:
-            _check_free_space(folder, len(split) * row_bytes + len(shards) * 4096, len(split))
-            if final.exists():
+            if final.exists():  # damaged: it failed verification
                 shutil.rmtree(final)
             if partial.exists():
                 shutil.rmtree(partial)  # left by a crashed write: the lock says that no one is writing it now
+            _check_free_space(folder, len(split) * row_bytes + len(shards) * 4096, len(split))
             partial.mkdir()
         except OSError as caught:
             error = caught
@@ -418,8 +419,6 @@ def _shared_key(accelerator, key: str | None) -> str:
     """The main process's key on every process (a sha256 travels as 32 integers): only it hashes the data."""
     if accelerator.num_processes == 1:
         return key
-    from accelerate.utils import broadcast
-
     values = list(bytes.fromhex(key)) if key is not None else [0] * 32
     shared = broadcast(torch.tensor(values, dtype=torch.int64, device=accelerator.device), from_process=0)
     return bytes(shared.cpu().tolist()).hex()
