@@ -47,13 +47,15 @@ from imgcap_hf import (
     ImgCapProcessor,
     ImgCapTokenizer,
     checkpointing,
+    feature_cache,
     publishing,
 )
-from imgcap_hf.batching import ImageCaptionCollator, encode_images, image_inputs, tokenize_captions
+from imgcap_hf.batching import ImageCaptionCollator, image_inputs, tokenize_captions
 from imgcap_hf.data import NAMED_DATASETS, load_caption_dataset
 from imgcap_hf.data.imagefolder import METADATA_FILE, is_imagefolder
 from imgcap_hf.data.kaggle_flickr30k import KAGGLE_CAPTIONS_FILE, is_kaggle_flickr30k
 from imgcap_hf.evaluation import evaluate_split
+from imgcap_hf.feature_cache import CachedFeatures
 from imgcap_hf.loading import local_model_folder
 from imgcap_hf.scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
 
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Encode each image once and reuse its features ('auto': when the encoder is frozen).",
     )
     data.add_argument("--feature_cache_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    data.add_argument(
+        "--feature_cache_dir",
+        default=None,
+        help="Where the cached features are kept, shared by all processes and runs (default: "
+        "HF_HOME/imgcap_hf/feature_cache); `python -m imgcap_hf clear-feature-cache` empties it.",
+    )
     data.add_argument("--dataloader_num_workers", type=int, default=0)
 
     model = parser.add_argument_group(
@@ -571,18 +579,16 @@ def use_feature_cache(args: argparse.Namespace) -> bool:
     return args.feature_cache == "on" or (args.feature_cache == "auto" and not trains_encoder(args))
 
 
-def encode_all_splits(args, accelerator: Accelerator, model, splits, image_processor) -> dict[str, torch.Tensor]:
-    """The frozen encoder's region features of every image of every split, computed once: training and evaluation
+def load_features(args, accelerator: Accelerator, model, splits, image_processor) -> dict[str, CachedFeatures]:
+    """The frozen encoder's region features of every image of every split, memory-mapped from the shared on-disk
+    cache (encoded there first, each process its share, where it does not hold them yet): training and evaluation
     then run only the decoder."""
-    cache_dtype = getattr(torch, args.feature_cache_dtype)
-    model.to(accelerator.device)
-    features = {}
-    for name in ("train", "validation", "test"):
-        features[name] = encode_images(
-            model, splits[name], image_processor, args.per_device_eval_batch_size, accelerator.device, cache_dtype
-        )
-    logger.info(f"Feature cache: {sum(f.numel() * f.element_size() for f in features.values()) / 2**20:.1f} MiB")
-    return features
+    cache_dir = Path(args.feature_cache_dir) if args.feature_cache_dir else feature_cache.default_cache_dir()
+    return feature_cache.load_or_encode(
+        accelerator, model, {name: splits[name] for name in ("train", "validation", "test")}, image_processor,
+        cache_dir=cache_dir, dtype=getattr(torch, args.feature_cache_dtype),
+        batch_size=args.per_device_eval_batch_size,
+    )  # fmt: skip
 
 
 def build_optimizer(args: argparse.Namespace, model: ImgCapForConditionalGeneration) -> torch.optim.AdamW:
@@ -777,7 +783,7 @@ class TrainingRun:
     train_dataloader: DataLoader
     processor: ImgCapProcessor
     validation_split: datasets.Dataset
-    validation_features: torch.Tensor | None
+    validation_features: CachedFeatures | None
     generation_kwargs: dict[str, Any]
     progress: TrainingProgress
     run_id: str  # kept in every checkpoint's manifest, so that `latest` takes this run's checkpoints only
@@ -1003,7 +1009,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "length_penalty": args.length_penalty,
     }
-    features = encode_all_splits(args, accelerator, model, splits, image_processor) if use_feature_cache(args) else {}
+    features = load_features(args, accelerator, model, splits, image_processor) if use_feature_cache(args) else {}
 
     # ---- Optimizer and schedule ----------------------------------------------------------------------------------
     train_dataloader = build_train_dataloader(
@@ -1105,7 +1111,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         results = main()
-    except (checkpointing.CheckpointError, checkpointing.PreflightError, DataError) as error:
+    except (checkpointing.CheckpointError, checkpointing.PreflightError, feature_cache.FeatureCacheError,
+            DataError) as error:  # fmt: skip
         # Refused before training, like a bad flag: argparse's one line and exit status, not a traceback.
         build_parser().exit(2, f"{Path(sys.argv[0]).name}: error: {error}\n")
     except checkpointing.CheckpointWriteError as error:

@@ -2,13 +2,15 @@
 
 A batch holds whole images with all their captions: the encoder runs once per image and `image_indices` tells the
 decoder which image each caption belongs to, so Flickr30k's five captions share one encoder pass. With a frozen
-encoder and no augmentation, the encoder's output never changes, so `encode_images` computes it once per image and
-`ImageCaptionCollator` serves it from memory: epochs after the first then cost only the decoder.
+encoder and no augmentation, the encoder's output never changes, so `encode_images` computes it once per image
+(`imgcap_hf.feature_cache` keeps it on disk, shared by processes and runs) and `ImageCaptionCollator` serves it from
+there: training and evaluation then cost only the decoder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
@@ -18,6 +20,9 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .models.imgcap.image_processing_imgcap import load_image
 from .models.imgcap.processing_imgcap import caption_labels
+
+if TYPE_CHECKING:
+    from .feature_cache import CachedFeatures
 
 
 def tokenize_captions(tokenizer, split: Dataset, max_length: int) -> list[list[list[int]]]:
@@ -36,9 +41,10 @@ class ImageCaptionCollator:
     """Builds a batch from a list of image rows of `split`.
 
     Returns `dataset_rows` (the rows of `split`, to find references and ids again), then either `encoder_features`
-    (from `features`, a tensor indexed by row) or `pixel_values` (images run through `image_processor`), and when
-    `caption_ids` are given, `labels` (each caption without `<sos>`, padded with -100) with `image_indices` (for
-    each caption, the position of its image in this batch: the model's `image_indices` argument).
+    (from `features`: a tensor or a `feature_cache.CachedFeatures`, indexed by a list of rows) or `pixel_values`
+    (images run through `image_processor`), and when `caption_ids` are given, `labels` (each caption without `<sos>`,
+    padded with -100) with `image_indices` (for each caption, the position of its image in this batch: the model's
+    `image_indices` argument).
 
     Image files are opened with `load_image(file, min_side=image_processor.load_min_side)`, exactly as the CLI and
     the pipeline open them: the same EXIF rotation, first frame of an animation and RGB conversion, and a large JPEG
@@ -52,7 +58,7 @@ class ImageCaptionCollator:
         split: Dataset,
         image_processor,
         caption_ids: Sequence[Sequence[Sequence[int]]] | None = None,
-        features: torch.Tensor | None = None,
+        features: torch.Tensor | CachedFeatures | None = None,
     ):
         self.split = split
         self.image_processor = image_processor

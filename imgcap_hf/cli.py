@@ -2,6 +2,7 @@
 
     python -m imgcap_hf caption --model DIR_OR_ID [--num_beams N] [--max_new_tokens N] IMAGE...
     python -m imgcap_hf evaluate --model DIR_OR_ID --dataset NAME_OR_PATH [--split test] [--num_beams N]
+    python -m imgcap_hf clear-feature-cache [--feature_cache_dir DIR]
 
 `caption` prints one JSON object per image, in the order given: `{"image": PATH, "caption": TEXT}`, or
 `{"image": PATH, "error": TEXT}` for a file that is not a usable image (missing, empty, not an image, truncated,
@@ -12,6 +13,9 @@ command before any image is read: one `error: ...` line on stderr and exit statu
 argument parser before anything is loaded: a usage line, one `error:` line, exit status 2.
 `evaluate` prints one JSON object with `bleu_1`..`bleu_4`, `cider`, `rouge_l` (and `meteor` where Java is available),
 `num_images` and `tokenizer`, the caption tokenizer the scores were computed with (`ptb-java` or `python`).
+`clear-feature-cache` empties train.py's feature cache folder (default `HF_HOME/imgcap_hf/feature_cache`, see
+`imgcap_hf/feature_cache.py`) and prints `{"feature_cache_dir": DIR, "removed": [NAME, ...]}`; the next run with a
+frozen encoder encodes its images again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .data import NAMED_DATASETS, load_caption_dataset
+from .feature_cache import clear_feature_cache, default_cache_dir
 from .loading import load_captioner, local_model_folder
 from .models.imgcap.image_processing_imgcap import load_image
 from .scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
@@ -121,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="How captions are tokenized for scoring: 'auto' (coco-caption's Java tokenizer where `java` is on the "
         "PATH, else ours), 'ptb-java' or 'python'. The output's 'tokenizer' names the one used.",
     )
+    clear = commands.add_parser("clear-feature-cache", help="Remove train.py's cached encoder features.")
+    clear.add_argument("--feature_cache_dir", default=None, help="Default: HF_HOME/imgcap_hf/feature_cache.")
     return parser
 
 
@@ -192,11 +199,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_clear_feature_cache(args: argparse.Namespace) -> int:
+    folder = Path(args.feature_cache_dir) if args.feature_cache_dir else default_cache_dir()
+    removed = clear_feature_cache(folder)
+    print(json.dumps({"feature_cache_dir": str(folder), "removed": removed}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "caption":
             return run_caption(args)
+        if args.command == "clear-feature-cache":
+            return run_clear_feature_cache(args)
         return run_evaluate(args)
     except ValueError as error:  # an unusable model folder or dataset: one sentence, no traceback
         print(f"error: {error}", file=sys.stderr)

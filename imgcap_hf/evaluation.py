@@ -6,7 +6,7 @@ itself (never teacher-forced), which is what coco-caption reports and what older
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -16,6 +16,9 @@ from torch.utils.data import DataLoader
 
 from .batching import ImageCaptionCollator, image_inputs
 from .scoring import compute_caption_metrics
+
+if TYPE_CHECKING:
+    from .feature_cache import CachedFeatures
 
 
 @torch.no_grad()
@@ -58,7 +61,7 @@ def evaluate_split(
     *,
     batch_size: int,
     generation_kwargs: dict[str, Any],
-    features: torch.Tensor | None = None,
+    features: torch.Tensor | CachedFeatures | None = None,
     caption_tokenizer: str = "auto",
 ) -> tuple[dict[str, Any], dict[int, str]]:
     """Caption `split` (from cached `features` when given) and score it with `caption_tokenizer` (see

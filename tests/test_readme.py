@@ -116,7 +116,7 @@ def test_every_cli_command_runs_as_printed(in_demo_folder, capsys):
     from imgcap_hf import cli
 
     commands = [command for command in shell_commands() if command.startswith("python -m imgcap_hf ")]
-    assert {shlex.split(command)[3] for command in commands} == {"caption", "evaluate"}
+    assert {shlex.split(command)[3] for command in commands} == {"caption", "evaluate", "clear-feature-cache"}
     for command in commands:
         argv = [expanded for word in shlex.split(command)[3:] for expanded in sorted(glob.glob(word)) or [word]]
         if argv[0] == "evaluate":
