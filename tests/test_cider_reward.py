@@ -15,10 +15,10 @@ from pycocoevalcap.cider.cider import Cider
 from imgcap_hf.scoring import CaptionReward, python_tokenize
 
 PAD, EOS = 0, 1
-# Three training images; ids 2.. are words. Image 0: "a dog runs", "the dog runs fast"; image 1: "a cat sleeps";
-# image 2: "a bird sings", "a bird flies high", "the bird sings".
+# Three training images; ids 2.. are words. Image 0: "a dog runs", "the dog runs very fast"; image 1: "a cat
+# sleeps"; image 2: "a bird sings", "a bird flies high", "the bird sings".
 REFERENCES = [
-    [[2, 3, 4, EOS], [5, 3, 4, 6, EOS]],
+    [[2, 3, 4, EOS], [5, 3, 4, 13, 6, EOS]],
     [[2, 7, 8, EOS]],
     [[2, 9, 10, EOS], [2, 9, 11, 12, EOS], [5, 9, 10, EOS]],
 ]
@@ -103,6 +103,7 @@ def reference_bleu4(sample: list[int], references: list[list[int]]) -> float:
 
 
 def test_the_bleu4_weight_adds_weight_times_sentence_bleu4():
+    # The fourth sample (5 words) is equally far from both references (4 and 6): the shorter sets the brevity penalty.
     samples = [[2, 9, 10, EOS], [2, 9, 12, 10, EOS], [9, EOS], [2, 3, 4, 6, EOS], [7, 7, 7, 7, 7, 7, 7, EOS]]
     images = [2, 2, 2, 0, 1]
     cider_d = np.array(rewards(samples, images))
