@@ -124,8 +124,8 @@ class CaptionReward:
         sorted_codes = codes[by_code]
         new_code = np.ones(len(codes), dtype=bool)
         new_code[1:] = sorted_codes[1:] != sorted_codes[:-1]
-        self._ngram_codes = sorted_codes[new_code]  # (ngrams,)
-        num_ngrams = len(self._ngram_codes)
+        ngram_codes = sorted_codes[new_code]  # (ngrams,)
+        num_ngrams = len(ngram_codes)
         ngram_order = orders[by_code][new_code]  # (ngrams,)
         ngram_index = np.empty(len(codes), dtype=np.int64)
         ngram_index[by_code] = np.cumsum(new_code) - 1
@@ -138,19 +138,25 @@ class CaptionReward:
         image_ngram, column = np.divmod(keys, max_references)
         new_image_ngram = np.ones(len(keys), dtype=bool)
         new_image_ngram[1:] = image_ngram[1:] != image_ngram[:-1]
-        self._image_ngram_codes = image_ngram[new_image_ngram]  # (image n-grams,) sorted
         image, reference_ngram_index = np.divmod(image_ngram, num_ngrams)
         document_frequency = np.bincount(reference_ngram_index[new_image_ngram], minlength=num_ngrams)
-        self._idf = self._log_num_images - np.log(np.maximum(document_frequency, 1))  # (ngrams,)
+        idf = self._log_num_images - np.log(np.maximum(document_frequency, 1))  # (ngrams,)
+        # An n-gram of one image's references has the idf of one they never hold, log(images): only those of
+        # several images are kept.
+        several = document_frequency > 1
+        self._shared_ngram_codes, self._shared_ngram_idf = ngram_codes[several], idf[several]
 
-        # Row r of the count table holds, per reference of its image, how often the image's n-gram r occurs in it.
+        # Image i's distinct n-grams are rows image_starts[i]:image_starts[i+1] of the n-gram table, sorted by code;
+        # a row's counts are how often its n-gram occurs in each reference of its image.
+        self._image_ngram_codes = ngram_codes[reference_ngram_index[new_image_ngram]]  # (image n-grams,)
+        self._image_starts = np.searchsorted(image[new_image_ngram], np.arange(self.num_images + 1))
         rows = np.cumsum(new_image_ngram) - 1
         count_type = np.uint16 if counts.max() <= np.iinfo(np.uint16).max else np.int64
         self._reference_counts = np.zeros((len(self._image_ngram_codes), max_references), dtype=count_type)
         self._reference_counts[rows, column] = counts
 
         reference_ngram_reference = first_reference[image] + column
-        squared_weights = (counts * self._idf[reference_ngram_index]) ** 2
+        squared_weights = (counts * idf[reference_ngram_index]) ** 2
         slots = reference_ngram_reference * MAX_ORDER + ngram_order[reference_ngram_index] - 1
         norms = np.sqrt(np.bincount(slots, squared_weights, minlength=num_references * MAX_ORDER))
         self._reference_norms = np.zeros((self.num_images, max_references, MAX_ORDER))  # 0 where no reference
@@ -245,18 +251,15 @@ class CaptionReward:
         slots = sample_of * MAX_ORDER + orders - 1  # (sample, order) of each n-gram
 
         # Document frequencies of the training references; an n-gram they never hold has df 0, so idf log(images).
-        ngram_index = np.minimum(_sorted_search(self._ngram_codes, codes), len(self._ngram_codes) - 1)
-        known = self._ngram_codes[ngram_index] == codes
-        idf = np.where(known, self._idf[ngram_index], self._log_num_images)
+        idf = np.full(len(codes), self._log_num_images)
+        is_shared, shared_index = _find_sorted(self._shared_ngram_codes, codes)
+        idf[is_shared] = self._shared_ngram_idf[shared_index]
         sample_norms = np.sqrt(np.bincount(slots, (counts * idf) ** 2, minlength=num_samples * MAX_ORDER))
         sample_norms = sample_norms.reshape(num_samples, MAX_ORDER)
 
         # The n-grams that the sample's image's references hold, with their count in each reference.
-        image_codes = images[sample_of[known]] * len(self._ngram_codes) + ngram_index[known]
-        rows = np.minimum(_sorted_search(self._image_ngram_codes, image_codes), len(self._image_ngram_codes) - 1)
-        in_image = self._image_ngram_codes[rows] == image_codes
-        shared = np.flatnonzero(known)[in_image]
-        reference_counts = self._reference_counts[rows[in_image]]  # (shared n-grams, refs)
+        shared, rows = self._find_in_images(codes, images[sample_of])
+        reference_counts = self._reference_counts[rows]  # (shared n-grams, refs)
         sample_counts = counts[shared][:, None]
         clipped_products = np.minimum(sample_counts, reference_counts) * reference_counts * idf[shared][:, None] ** 2
         max_references = reference_counts.shape[1]
@@ -278,6 +281,22 @@ class CaptionReward:
                 matches.reshape(num_samples, MAX_ORDER), lengths, images
             )
         return rewards
+
+    def _find_in_images(self, codes: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which n-grams (by code, each with its sample's image) the references of their image hold: their indices,
+        and their rows in the n-gram table; one binary search per image, in the image's own rows."""
+        by_image = np.argsort(images, kind="stable")
+        batch_images, group_starts = np.unique(images[by_image], return_index=True)
+        found, rows = [], []
+        for image, group in zip(batch_images, np.split(by_image, group_starts[1:])):
+            start, end = self._image_starts[image], self._image_starts[image + 1]
+            image_codes = self._image_ngram_codes[start:end]
+            held, positions = _find_sorted(image_codes, codes[group])
+            found.append(group[held])
+            rows.append(start + positions)
+        if not found:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.concatenate(found), np.concatenate(rows)
 
     def _sentence_bleu4(self, matches: np.ndarray, lengths: np.ndarray, images: np.ndarray) -> np.ndarray:
         """Sentence BLEU-4 of each sample ``(N,)`` from its clipped n-gram matches ``(N, 4)``, as the module's
@@ -328,10 +347,14 @@ def _ngram_codes(digits: np.ndarray, starts: np.ndarray, order: int, base: int) 
     return codes
 
 
-def _sorted_search(table: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """``np.searchsorted(table, queries)``, with the queries searched in increasing order: a large table's binary
-    searches then share the parts of it that they read."""
+def _find_sorted(table: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which queries the sorted ``table`` holds (a mask over the queries) and where (for those it holds).
+
+    The queries are searched in increasing order: the binary searches of a large table then share the parts of it
+    that they read."""
     order = np.argsort(queries)
     positions = np.empty(len(queries), dtype=np.int64)
     positions[order] = np.searchsorted(table, queries[order])
-    return positions
+    held = positions < len(table)
+    held[held] = table[positions[held]] == queries[held]
+    return held, positions[held]
