@@ -103,13 +103,13 @@ class CaptionReward:
         self._references_per_image = references_per_image  # (images,)
         self._build_reference_tables(tokens + 1, lengths)
 
-    def _build_reference_tables(self, digits: np.ndarray, lengths: np.ndarray) -> None:
-        """Document frequencies, and each image's n-gram counts per reference, norms and lengths, as arrays."""
-        num_references = len(lengths)
-        image_of_reference = np.repeat(np.arange(self.num_images), self._references_per_image)  # (references,)
-        first_reference = np.cumsum(self._references_per_image) - self._references_per_image  # (images,)
-        column_of_reference = np.arange(num_references) - np.repeat(first_reference, self._references_per_image)
-        reference_of_token = np.repeat(np.arange(num_references), lengths)  # (tokens,)
+    def _count_reference_ngrams(
+        self, digits: np.ndarray, lengths: np.ndarray, image_of_reference: np.ndarray, column_of_reference: np.ndarray
+    ) -> tuple[np.ndarray, ...]:
+        """The references' distinct n-grams (sorted codes and orders), and how often each occurs in each reference:
+        ``(image, n-gram index, reference's column in its image, count)`` sorted by image, then n-gram, then column.
+        """
+        reference_of_token = np.repeat(np.arange(len(lengths)), lengths)  # (tokens,)
         position_in_reference = np.arange(len(digits)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         codes, orders, references = [], [], []
         for order in range(1, MAX_ORDER + 1):
@@ -119,27 +119,37 @@ class CaptionReward:
             references.append(reference_of_token[starts])
         codes, orders, references = np.concatenate(codes), np.concatenate(orders), np.concatenate(references)
 
-        # Every distinct n-gram of the references gets an index into the sorted table of their codes.
+        # Every distinct n-gram gets an index into the sorted table of their codes.
         by_code = np.argsort(codes)
         sorted_codes = codes[by_code]
         new_code = np.ones(len(codes), dtype=bool)
         new_code[1:] = sorted_codes[1:] != sorted_codes[:-1]
-        ngram_codes = sorted_codes[new_code]  # (ngrams,)
-        num_ngrams = len(ngram_codes)
-        ngram_order = orders[by_code][new_code]  # (ngrams,)
+        ngram_codes, ngram_order = sorted_codes[new_code], orders[by_code][new_code]  # (ngrams,)
         ngram_index = np.empty(len(codes), dtype=np.int64)
         ngram_index[by_code] = np.cumsum(new_code) - 1
 
-        # Sorted by (image, n-gram, reference), the n-gram occurrences give each reference's count of each n-gram,
-        # and each image's distinct n-grams, whose number per n-gram is its document frequency.
-        max_references = int(self._references_per_image.max())
-        image_ngrams = image_of_reference[references] * num_ngrams + ngram_index
+        # Sorted by (image, n-gram, column), equal neighbours are occurrences of one n-gram in one reference.
+        max_references = int(column_of_reference.max()) + 1
+        image_ngrams = image_of_reference[references] * len(ngram_codes) + ngram_index
         keys, counts = np.unique(image_ngrams * max_references + column_of_reference[references], return_counts=True)
         image_ngram, column = np.divmod(keys, max_references)
-        new_image_ngram = np.ones(len(keys), dtype=bool)
-        new_image_ngram[1:] = image_ngram[1:] != image_ngram[:-1]
-        image, reference_ngram_index = np.divmod(image_ngram, num_ngrams)
-        document_frequency = np.bincount(reference_ngram_index[new_image_ngram], minlength=num_ngrams)
+        image, ngram = np.divmod(image_ngram, len(ngram_codes))
+        return ngram_codes, ngram_order, image, ngram, column, counts
+
+    def _build_reference_tables(self, digits: np.ndarray, lengths: np.ndarray) -> None:
+        """Document frequencies, and each image's n-gram counts per reference, norms and lengths, as arrays."""
+        num_references = len(lengths)
+        image_of_reference = np.repeat(np.arange(self.num_images), self._references_per_image)  # (references,)
+        first_reference = np.cumsum(self._references_per_image) - self._references_per_image  # (images,)
+        column_of_reference = np.arange(num_references) - np.repeat(first_reference, self._references_per_image)
+        max_references = int(self._references_per_image.max())
+        ngram_codes, ngram_order, image, ngram, column, counts = self._count_reference_ngrams(
+            digits, lengths, image_of_reference, column_of_reference
+        )
+        new_image_ngram = np.ones(len(counts), dtype=bool)
+        new_image_ngram[1:] = (image[1:] != image[:-1]) | (ngram[1:] != ngram[:-1])
+        num_ngrams = len(ngram_codes)
+        document_frequency = np.bincount(ngram[new_image_ngram], minlength=num_ngrams)
         idf = self._log_num_images - np.log(np.maximum(document_frequency, 1))  # (ngrams,)
         # An n-gram of one image's references has the idf of one they never hold, log(images): only those of
         # several images are kept.
@@ -148,16 +158,16 @@ class CaptionReward:
 
         # Image i's distinct n-grams are rows image_starts[i]:image_starts[i+1] of the n-gram table, sorted by code;
         # a row's counts are how often its n-gram occurs in each reference of its image.
-        self._image_ngram_codes = ngram_codes[reference_ngram_index[new_image_ngram]]  # (image n-grams,)
+        self._image_ngram_codes = ngram_codes[ngram[new_image_ngram]]  # (image n-grams,)
         self._image_starts = np.searchsorted(image[new_image_ngram], np.arange(self.num_images + 1))
         rows = np.cumsum(new_image_ngram) - 1
         count_type = np.uint16 if counts.max() <= np.iinfo(np.uint16).max else np.int64
         self._reference_counts = np.zeros((len(self._image_ngram_codes), max_references), dtype=count_type)
         self._reference_counts[rows, column] = counts
 
-        reference_ngram_reference = first_reference[image] + column
-        squared_weights = (counts * idf[reference_ngram_index]) ** 2
-        slots = reference_ngram_reference * MAX_ORDER + ngram_order[reference_ngram_index] - 1
+        reference = first_reference[image] + column
+        squared_weights = (counts * idf[ngram]) ** 2
+        slots = reference * MAX_ORDER + ngram_order[ngram] - 1
         norms = np.sqrt(np.bincount(slots, squared_weights, minlength=num_references * MAX_ORDER))
         self._reference_norms = np.zeros((self.num_images, max_references, MAX_ORDER))  # 0 where no reference
         self._reference_norms[image_of_reference, column_of_reference] = norms.reshape(num_references, MAX_ORDER)
