@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     self_critical.add_argument(
         "--init_from",
         default=None,
-        help="A trained model folder (train.py's output): its weights, config and tokenizer replace the model flags.",
+        help="A trained model folder (train.py's output) to start from: its weights, config and tokenizer replace "
+        "the model flags, except --freeze_encoder.",
     )
     self_critical.add_argument("--scst_num_samples", type=int, default=5, help="Captions sampled per image.")
     self_critical.add_argument(
@@ -568,16 +569,23 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> ImgCapForCondition
     return ImgCapForConditionalGeneration(ImgCapConfig(**config_kwargs))
 
 
+# The model flags that still apply to a model loaded with --init_from: what trains, not what the model is.
+INIT_FROM_TRAINING_CHOICES = ("freeze_encoder",)
+
+
 def load_initial_model(args: argparse.Namespace) -> tuple[ImgCapForConditionalGeneration, ImgCapProcessor]:
-    """`--init_from`: the trained model and its processor, checked as the CLI checks a model folder. The model flags
-    take the loaded config's values, so that training_args.json describes the model that trains."""
+    """`--init_from`: the trained model and its processor, checked as the CLI checks a model folder. Its config
+    decides the architecture, dropout and the rest; of the model flags only `INIT_FROM_TRAINING_CHOICES` apply (a
+    recipe may train the encoder in one phase and freeze it in the next). The other model flags take the loaded
+    config's values, so that training_args.json describes the model that trains."""
     try:
         model, processor = load_captioner(args.init_from)
     except ValueError as error:
         raise DataError(f"--init_from: {error}") from error
+    model.freeze_encoder(args.freeze_encoder)
     for field in model_config_fields():
         value = getattr(model.config, field.name)
-        if isinstance(value, str | int | float | bool):
+        if field.name not in INIT_FROM_TRAINING_CHOICES and isinstance(value, str | int | float | bool):
             setattr(args, field.name, value)
     return model, processor
 
