@@ -57,7 +57,7 @@ from imgcap_hf.data.imagefolder import METADATA_FILE, is_imagefolder
 from imgcap_hf.data.kaggle_flickr30k import KAGGLE_CAPTIONS_FILE, is_kaggle_flickr30k
 from imgcap_hf.evaluation import evaluate_split
 from imgcap_hf.loading import check_model_folder, load_captioner, local_model_folder
-from imgcap_hf.scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
+from imgcap_hf.scoring import CAPTION_TOKENIZERS, CaptionReward, resolve_caption_tokenizer
 
 logger = get_logger(__name__)
 
@@ -593,8 +593,6 @@ def load_initial_model(args: argparse.Namespace) -> tuple[ImgCapForConditionalGe
 def build_self_critical_objective(args, tokenizer, train_caption_ids) -> scst.SelfCriticalObjective:
     """The SCST loss, rewarding with CIDEr-D (plus `--scst_bleu4_weight` x BLEU-4) against each training image's
     references, whose document frequencies the reward computes once, from all of them."""
-    from imgcap_hf.scoring.cider_reward import CaptionReward
-
     references = [[ids[1:] for ids in captions] for captions in train_caption_ids]  # without <sos>, with <eos>
     reward = CaptionReward(
         references, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
