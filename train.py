@@ -60,6 +60,10 @@ from imgcap_hf.loading import check_model_folder, load_captioner, local_model_fo
 from imgcap_hf.scoring import CAPTION_TOKENIZERS, CaptionReward, resolve_caption_tokenizer
 
 logger = get_logger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The lines of a recipe of several phases, written between the phases' runs, where accelerate's logger (which needs
+# an Accelerator) may have none: on the first process only.
+phase_logger = logging.getLogger("train.phases")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_attention.yaml"
 CHECKPOINTS_DIR = "checkpoints"
@@ -451,7 +455,7 @@ def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator
 def set_up_logging(accelerator: Accelerator) -> None:
     """Our INFO lines everywhere; the libraries' warnings from the local main process only; no progress bars where
     the output is not a terminal (a bar redrawn with carriage returns fills a log file with noise)."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     if not sys.stderr.isatty():
         datasets.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
@@ -1209,6 +1213,8 @@ def run_phases(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     model into OUTPUT_DIR with an all_results.json listing every phase's scores. With `--resume_from_checkpoint
     latest`, a phase that ran to its end is not trained again, and the phase that was running resumes."""
     output_dir = Path(args.output_dir)
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+    phase_logger.disabled = int(os.environ.get("RANK", "0")) != 0
     check_output_dir(args, output_dir, None)  # the folder's own final model is not replaced without being asked
     check_every_phase(args, argv)
     summaries, results = [], {}
@@ -1217,7 +1223,7 @@ def run_phases(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         recipe_file = folder.with_name(folder.name + ".yaml")
         finished = phases.finished_results(folder, FINAL_WEIGHTS) if args.resume_from_checkpoint else None
         if finished is not None:
-            logger.info(f"Phase {index} ({name}) finished earlier: {folder}")
+            phase_logger.info(f"Phase {index} ({name}) finished earlier: {folder}")
             results = finished
         else:
             recipe, phase_argv = phase_recipe_and_argv(args, argv, index, name, overrides, recipe_file)
@@ -1226,7 +1232,7 @@ def run_phases(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             staging = recipe_file.with_name(f"{recipe_file.name}.{os.getpid()}.tmp")
             staging.write_text(yaml.safe_dump(recipe, sort_keys=False))
             os.replace(staging, recipe_file)
-            logger.info(f"***** Phase {index} ({name}) of {len(args.phases)}: {folder} *****")
+            phase_logger.info(f"***** Phase {index} ({name}) of {len(args.phases)}: {folder} *****")
             results = main(phase_argv)
         summaries.append(phases.phase_summary(name, folder, output_dir, results))
         if results.get("stopped_early"):
@@ -1253,7 +1259,7 @@ def publish_last_phase(phase_folder: Path, output_dir: Path, combined: dict[str,
     write_record(staging / "all_results.json", combined)
     move_staged_final_model(staging, output_dir)
     scores = ", ".join(f"{s['phase']} CIDEr-D {s.get('test_cider', float('nan')):.4f}" for s in combined["phases"])
-    logger.info(f"Final model (phase {combined['phases'][-1]['phase']}) in {output_dir}; test: {scores}")
+    phase_logger.info(f"Final model (phase {combined['phases'][-1]['phase']}) in {output_dir}; test: {scores}")
 
 
 if __name__ == "__main__":
