@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import typing
 from functools import partial
@@ -48,7 +49,9 @@ from imgcap_hf import (
     ImgCapTokenizer,
     checkpointing,
     feature_cache,
+    phases,
     publishing,
+    scst,
 )
 from imgcap_hf.batching import ImageCaptionCollator, image_inputs, tokenize_captions
 from imgcap_hf.data import NAMED_DATASETS, load_caption_dataset
@@ -56,10 +59,14 @@ from imgcap_hf.data.imagefolder import METADATA_FILE, is_imagefolder
 from imgcap_hf.data.kaggle_flickr30k import KAGGLE_CAPTIONS_FILE, is_kaggle_flickr30k
 from imgcap_hf.evaluation import evaluate_split
 from imgcap_hf.feature_cache import CachedFeatures
-from imgcap_hf.loading import local_model_folder
-from imgcap_hf.scoring import CAPTION_TOKENIZERS, resolve_caption_tokenizer
+from imgcap_hf.loading import check_model_folder, load_captioner, local_model_folder
+from imgcap_hf.scoring import CAPTION_TOKENIZERS, CaptionReward, resolve_caption_tokenizer
 
 logger = get_logger(__name__)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The lines of a recipe of several phases, written between the phases' runs, where accelerate's logger (which needs
+# an Accelerator) may have none: on the first process only.
+phase_logger = logging.getLogger("train.phases")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_attention.yaml"
 CHECKPOINTS_DIR = "checkpoints"
@@ -189,6 +196,34 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--with_tracking", action="store_true", help="Log to --report_to (TensorBoard).")
     training.add_argument("--report_to", default="tensorboard")
 
+    self_critical = parser.add_argument_group(
+        "self-critical training", "SCST (Rennie et al. 2017; Luo 2020's mean-of-others baseline): imgcap_hf/scst.py"
+    )
+    self_critical.add_argument(
+        "--objective",
+        choices=["xe", "scst"],
+        default="xe",
+        help="'xe': cross-entropy on the reference captions; 'scst': REINFORCE on the CIDEr-D of sampled captions "
+        "(start it from a cross-entropy model with --init_from).",
+    )
+    self_critical.add_argument(
+        "--init_from",
+        default=None,
+        help="A trained model folder (train.py's output) to start from: its weights, config and tokenizer replace "
+        "the model flags, except --freeze_encoder and --trainable_encoder_stages.",
+    )
+    self_critical.add_argument("--scst_num_samples", type=int, default=5, help="Captions sampled per image.")
+    self_critical.add_argument(
+        "--scst_baseline",
+        choices=list(scst.BASELINES),
+        default="mean_of_others",
+        help="What a sample's reward is compared with: the mean reward of the image's other samples, or the reward "
+        "of its greedy caption.",
+    )
+    self_critical.add_argument(
+        "--scst_bleu4_weight", type=float, default=0.0, help="Weight of BLEU-4 added to CIDEr-D in the reward."
+    )
+
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--num_beams", type=int, default=5)
     evaluation.add_argument("--max_new_tokens", type=int, default=30)
@@ -216,6 +251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags override the YAML recipe, which overrides the parser defaults. Unknown recipe keys are an error."""
     parser = build_parser()
     config_path = parser.parse_known_args(argv)[0].config
+    recipe_phases = None  # a recipe of several phases lists them under `phases:` (imgcap_hf/phases.py)
     if config_path:
         path = Path(config_path)
         if not path.is_file():
@@ -224,11 +260,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not isinstance(recipe, dict):
             parser.error(f"--config {config_path}: expected a mapping of flag names to values")
         known = {action.dest for action in parser._actions}
+        if "phases" in recipe:
+            try:
+                recipe_phases = phases.check_phases(recipe.pop("phases"), known)
+            except ValueError as error:
+                parser.error(f"--config {config_path}: {error}")
         unknown = sorted(set(recipe) - known)
         if unknown:
             parser.error(f"--config {config_path}: unknown keys {unknown}")
         parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
+    args.phases = recipe_phases
     check_flag_values(parser, args)
     if args.encoder_learning_rate is None:  # resolved here, so that training_args.json records the rate used
         fine_tunes_stages = args.freeze_encoder and args.trainable_encoder_stages > 0
@@ -264,7 +306,7 @@ COUNT_MINIMUMS = {
     "min_word_frequency": 1, "max_caption_length": 2, "dataloader_num_workers": 0, "per_device_train_batch_size": 1,
     "per_device_eval_batch_size": 1, "gradient_accumulation_steps": 1, "num_train_epochs": 1, "max_train_steps": 1,
     "num_warmup_steps": 0, "checkpoints_total_limit": 0, "max_consecutive_nonfinite": 1, "logging_steps": 1,
-    "num_beams": 1, "max_new_tokens": 1, "trainable_encoder_stages": 0,
+    "num_beams": 1, "max_new_tokens": 1, "trainable_encoder_stages": 0, "scst_num_samples": 1,
 }  # fmt: skip
 LARGEST_SEED = 2**32 - 1  # numpy's generator, which set_seed also seeds, takes no more
 
@@ -285,6 +327,7 @@ def check_flag_values(parser: argparse.ArgumentParser, args: argparse.Namespace)
         ("max_grad_norm", 0.0, math.inf, False),
         ("crop_pct", 0.0, 1.0, False),
         ("length_penalty", -math.inf, math.inf, True),
+        ("scst_bleu4_weight", 0.0, math.inf, True),
     ):
         value = getattr(args, name)
         above_low = value >= low if low_included else value > low
@@ -302,6 +345,8 @@ def check_flag_values(parser: argparse.ArgumentParser, args: argparse.Namespace)
     checkpointing_steps = str(args.checkpointing_steps)
     if checkpointing_steps not in ("epoch", "no") and not (checkpointing_steps.isdigit() and int(checkpointing_steps)):
         parser.error(f"--checkpointing_steps must be a positive integer, 'epoch' or 'no', got {checkpointing_steps!r}")
+    if args.objective == "scst" and args.scst_baseline == "mean_of_others" and args.scst_num_samples < 2:
+        parser.error(f"--scst_baseline mean_of_others needs --scst_num_samples >= 2, got {args.scst_num_samples}")
     check_path_flags(parser, args)
     if args.feature_cache == "on" and trains_encoder(args):
         parser.error(
@@ -341,6 +386,13 @@ def check_path_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             local_model_folder(args.vision_model_name_or_path)
         except ValueError as error:
             parser.error(f"--vision_model_name_or_path: {error}")
+    if args.init_from is not None:
+        if not Path(args.init_from).is_dir():
+            parser.error(f"--init_from {args.init_from}: no such folder (expected a model folder that train.py wrote)")
+        try:
+            check_model_folder(args.init_from)
+        except ValueError as error:
+            parser.error(f"--init_from: {error}")
     if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
         parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such folder (or give 'latest')")
     if not str(args.output_dir).strip():
@@ -443,7 +495,7 @@ def build_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator
 def set_up_logging(accelerator: Accelerator) -> None:
     """Our INFO lines everywhere; the libraries' warnings from the local main process only; no progress bars where
     the output is not a terminal (a bar redrawn with carriage returns fills a log file with noise)."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     if not sys.stderr.isatty():
         datasets.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
@@ -559,6 +611,40 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> ImgCapForCondition
     if args.vision_model_name_or_path:
         return ImgCapForConditionalGeneration.from_vision_pretrained(args.vision_model_name_or_path, **config_kwargs)
     return ImgCapForConditionalGeneration(ImgCapConfig(**config_kwargs))
+
+
+# The model flags that still apply to a model loaded with --init_from: what trains, not what the model is.
+INIT_FROM_TRAINING_CHOICES = ("freeze_encoder", "trainable_encoder_stages")
+
+
+def load_initial_model(args: argparse.Namespace) -> tuple[ImgCapForConditionalGeneration, ImgCapProcessor]:
+    """`--init_from`: the trained model and its processor, checked as the CLI checks a model folder. Its config
+    decides the architecture, dropout and the rest; of the model flags only `INIT_FROM_TRAINING_CHOICES` apply (a
+    recipe may train the encoder in one phase and freeze it in the next). The other model flags take the loaded
+    config's values, so that training_args.json describes the model that trains."""
+    try:
+        model, processor = load_captioner(args.init_from)
+    except ValueError as error:
+        raise DataError(f"--init_from: {error}") from error
+    model.freeze_encoder(args.freeze_encoder, args.trainable_encoder_stages)
+    for field in model_config_fields():
+        value = getattr(model.config, field.name)
+        if field.name not in INIT_FROM_TRAINING_CHOICES and isinstance(value, str | int | float | bool):
+            setattr(args, field.name, value)
+    return model, processor
+
+
+def build_self_critical_objective(args, tokenizer, train_caption_ids) -> scst.SelfCriticalObjective:
+    """The SCST loss, rewarding with CIDEr-D (plus `--scst_bleu4_weight` x BLEU-4) against each training image's
+    references, whose document frequencies the reward computes once, from all of them."""
+    references = [[ids[1:] for ids in captions] for captions in train_caption_ids]  # without <sos>, with <eos>
+    reward = CaptionReward(
+        references, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bleu4_weight=args.scst_bleu4_weight,
+    )  # fmt: skip
+    return scst.SelfCriticalObjective(
+        reward, num_samples=args.scst_num_samples, baseline=args.scst_baseline, max_new_tokens=args.max_new_tokens
+    )
 
 
 def build_progress_bar(accelerator: Accelerator, total_steps: int, completed_steps: int) -> tqdm | None:
@@ -750,6 +836,11 @@ def save_final_model(model, processor, generation_kwargs, records: dict[str, Any
     save_model(model, processor, generation_kwargs, staging)
     for name, value in records.items():
         write_record(staging / name, value)
+    move_staged_final_model(staging, output_dir)
+
+
+def move_staged_final_model(staging: Path, output_dir: Path) -> None:
+    """Move a staged final model and its records into `output_dir`, weights last (see `save_final_model`)."""
     for path in staging.iterdir():
         checkpointing.fsync_path(path)
     for path in output_dir.iterdir():
@@ -789,7 +880,10 @@ class TrainingRun:
     run_id: str  # kept in every checkpoint's manifest, so that `latest` takes this run's checkpoints only
     progress_bar: tqdm | None  # on the local main process, when the output is a terminal
     train_log: typing.TextIO | None  # on the main process only
+    objective: scst.SelfCriticalObjective | None = None  # None: cross-entropy on the reference captions
     nonfinite_streak: int = 0  # batches skipped in a row; not checkpointed, so a resumed run counts afresh
+    # The SCST statistics of each micro-batch of the current optimizer step, averaged over the processes.
+    step_statistics: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 def train_all_epochs(run: TrainingRun, num_epochs: int) -> str | None:
@@ -829,7 +923,7 @@ def train_one_epoch(run: TrainingRun) -> str | None:
             continue  # accumulating: the optimizer step comes with a later micro-batch
         progress.step_in_epoch += 1  # batches consumed in this epoch, to skip them when resuming
         if loss is None:
-            step_losses = []
+            step_losses, run.step_statistics = [], []
             continue  # no optimizer update happened: not a completed step
         progress.completed_steps += 1
         record_step(run, sum(step_losses) / len(step_losses))
@@ -846,14 +940,17 @@ def train_on_batch(run: TrainingRun, batch: dict[str, Any]) -> float | None:
     loss averaged over the processes, or None when the batch is skipped because a loss is not finite."""
     accelerator, progress = run.accelerator, run.progress
     with accelerator.accumulate(run.model):
-        loss = run.training_forward(
-            **image_inputs(batch), labels=batch["labels"], image_indices=batch["image_indices"]
-        ).loss
+        loss, statistics = batch_loss(run, batch)
         # Every process must take the same decision, or DDP would wait forever for the skipped backward.
         losses = accelerator.gather(loss.detach().float().reshape(1))  # (processes,)
+        if statistics:
+            values = accelerator.gather(torch.stack(list(statistics.values())).float().reshape(1, -1))
+            statistics = dict(zip(statistics, values.mean(dim=0).tolist()))  # (processes, statistics) averaged
         mean_loss = None
         if bool(torch.isfinite(losses).all()):
             run.nonfinite_streak = 0
+            if statistics:
+                run.step_statistics.append(statistics)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 # After unscaling (accelerate does it for fp16) and before the step: clipping that counts.
@@ -871,23 +968,44 @@ def train_on_batch(run: TrainingRun, batch: dict[str, Any]) -> float | None:
     return mean_loss
 
 
+def batch_loss(run: TrainingRun, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The micro-batch's loss, and the statistics that the objective logs per step (none for cross-entropy)."""
+    if run.objective is None:
+        loss = run.training_forward(
+            **image_inputs(batch), labels=batch["labels"], image_indices=batch["image_indices"]
+        ).loss
+        return loss, {}
+    # Sampling runs on the model itself (generate), under the same mixed precision as the prepared model's forward.
+    with run.accelerator.autocast():
+        return run.objective(run.training_forward, run.accelerator.unwrap_model(run.model), batch)
+
+
 def record_step(run: TrainingRun, step_loss: float) -> None:
     """A completed optimizer step on the progress bar (or in the log), in the JSON-lines loss log and the tracker."""
     learning_rate = run.scheduler.get_last_lr()[0]
     step, total = run.progress.completed_steps, run.args.max_train_steps
+    statistics = {}  # the SCST statistics, averaged over the step's micro-batches
+    if run.step_statistics:
+        statistics = {name: sum(s[name] for s in run.step_statistics) / len(run.step_statistics)
+                      for name in run.step_statistics[0]}  # fmt: skip
+        run.step_statistics = []
     if run.progress_bar is not None:
         run.progress_bar.update(1)
-        run.progress_bar.set_postfix(loss=f"{step_loss:.3f}")
+        run.progress_bar.set_postfix(loss=f"{step_loss:.3f}", **{k: f"{v:.3f}" for k, v in statistics.items()})
     elif step % run.args.logging_steps == 0 or step == total:
         # A log file or a pipe gets a line now and then instead of a bar redrawn with carriage returns.
-        logger.info(f"step {step}/{total}: loss {step_loss:.4f}, learning rate {learning_rate:.3g}")
+        logger.info(
+            f"step {step}/{total}: loss {step_loss:.4f}, learning rate {learning_rate:.3g}"
+            + "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in statistics.items())
+        )
     if run.train_log is not None:
         entry = {"step": run.progress.completed_steps, "epoch": run.progress.epoch, "loss": step_loss,
-                 "lr": learning_rate}  # fmt: skip
+                 "lr": learning_rate, **statistics}  # fmt: skip
         run.train_log.write(json.dumps(entry) + "\n")
         run.train_log.flush()
     if run.args.with_tracking:
-        run.accelerator.log({"train_loss": step_loss, "lr": learning_rate}, run.progress.completed_steps)
+        scalars = {"train_loss": step_loss, "lr": learning_rate, **{f"train_{k}": v for k, v in statistics.items()}}
+        run.accelerator.log(scalars, run.progress.completed_steps)
 
 
 def validate_and_keep_best(run: TrainingRun) -> None:
@@ -962,6 +1080,8 @@ def load_best_model(run: TrainingRun) -> ImgCapForConditionalGeneration:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- Config: the recipe, then the flags ----------------------------------------------------------------------
     args = parse_args(argv)
+    if args.phases:  # a recipe of several phases: each one is a run of this function (see run_phases below)
+        return run_phases(args, sys.argv[1:] if argv is None else list(argv))
     output_dir = Path(args.output_dir)
     start_time = time.time()
     # Gradients that fade through the LSTM's steps reach denormal floats (below 1e-38), which x86 CPUs compute many
@@ -987,15 +1107,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     splits, data_report = load_data(args)
     logger.info(f"Data: {data_report}")
     train_captions = [caption for captions in splits["train"]["captions"] for caption in captions]
-    tokenizer = ImgCapTokenizer.from_captions(
-        train_captions, vocab_size=args.vocab_size, min_frequency=args.min_word_frequency, lang=args.lang
-    )
-    image_processor = build_image_processor(args)
-    processor = ImgCapProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    if args.init_from:  # the trained model's own tokenizer and image processor: its weights need its vocabulary
+        initial_model, processor = load_initial_model(args)
+        tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    else:
+        tokenizer = ImgCapTokenizer.from_captions(
+            train_captions, vocab_size=args.vocab_size, min_frequency=args.min_word_frequency, lang=args.lang
+        )
+        image_processor = build_image_processor(args)
+        processor = ImgCapProcessor(image_processor=image_processor, tokenizer=tokenizer)
     train_caption_ids = tokenize_captions(tokenizer, splits["train"], args.max_caption_length)
+    objective = build_self_critical_objective(args, tokenizer, train_caption_ids) if args.objective == "scst" else None
 
     # ---- Model ---------------------------------------------------------------------------------------------------
-    model = build_model(args, vocab_size=len(tokenizer))
+    model = initial_model if args.init_from else build_model(args, vocab_size=len(tokenizer))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     # Before any image is encoded or step taken: is there room for a checkpoint, the best and the final model?
@@ -1057,6 +1182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         validation_split=splits["validation"], validation_features=features.get("validation"),
         generation_kwargs=generation_kwargs, progress=progress, run_id=run_id, train_log=train_log,
         progress_bar=build_progress_bar(accelerator, args.max_train_steps, progress.completed_steps),
+        objective=objective,
     )  # fmt: skip
     stop_reason = train_all_epochs(run, num_epochs)
     if run.progress_bar is not None:
@@ -1106,6 +1232,97 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.with_tracking:
         accelerator.end_training()
     return results
+
+
+# ====================================================================================================================
+# Recipes of several phases (imgcap_hf/phases.py): cross-entropy, then self-critical training, ... in one command
+# ====================================================================================================================
+
+
+def phase_recipe_and_argv(
+    args, argv: list[str], index: int, name: str, overrides: dict, recipe_file: Path, with_init_from: bool = True
+) -> tuple[dict[str, Any], list[str]]:
+    """The recipe (the shared keys and the phase's overrides) and the command line of one phase: the user's flags
+    (they apply to every phase), then its recipe, output folder and, after the first phase, the previous phase's model
+    as `--init_from`. The Hub upload waits for the whole run."""
+    shared = yaml.safe_load(Path(args.config).read_text())
+    shared.pop("phases")
+    recipe = {**shared, **overrides, "push_to_hub": False}
+    output_dir = Path(args.output_dir)
+    user_flags = [flag for flag in argv if flag != "--push_to_hub"]
+    phase_argv = [*user_flags, "--output_dir", str(phases.phase_dir(output_dir, index, name)), "--config",
+                  str(recipe_file)]  # fmt: skip
+    if index > 0 and with_init_from:
+        previous_name = args.phases[index - 1][0]
+        phase_argv += ["--init_from", str(phases.phase_dir(output_dir, index - 1, previous_name))]
+    return recipe, phase_argv
+
+
+def check_every_phase(args, argv: list[str]) -> None:
+    """Each phase's settings, checked before the first phase trains (a bad value in the last phase stops the run
+    now, not after the first phase's hours); `--init_from` of a later phase is left out: it does not exist yet."""
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (name, overrides) in enumerate(args.phases):
+            recipe_file = Path(scratch) / f"{index}-{name}.yaml"
+            recipe, phase_argv = phase_recipe_and_argv(
+                args, argv, index, name, overrides, recipe_file, with_init_from=False
+            )
+            recipe_file.write_text(yaml.safe_dump(recipe))
+            parse_args(phase_argv)
+
+
+def run_phases(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Train the recipe's phases in turn, each in its own folder under OUTPUT_DIR/phases/, then put the last phase's
+    model into OUTPUT_DIR with an all_results.json listing every phase's scores. With `--resume_from_checkpoint
+    latest`, a phase that ran to its end is not trained again, and the phase that was running resumes."""
+    output_dir = Path(args.output_dir)
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+    phase_logger.disabled = int(os.environ.get("RANK", "0")) != 0
+    check_output_dir(args, output_dir, None)  # the folder's own final model is not replaced without being asked
+    check_every_phase(args, argv)
+    summaries, results = [], {}
+    for index, (name, overrides) in enumerate(args.phases):
+        folder = phases.phase_dir(output_dir, index, name)
+        recipe_file = folder.with_name(folder.name + ".yaml")
+        finished = phases.finished_results(folder, FINAL_WEIGHTS) if args.resume_from_checkpoint else None
+        if finished is not None:
+            phase_logger.info(f"Phase {index} ({name}) finished earlier: {folder}")
+            results = finished
+        else:
+            recipe, phase_argv = phase_recipe_and_argv(args, argv, index, name, overrides, recipe_file)
+            recipe_file.parent.mkdir(parents=True, exist_ok=True)
+            # Every process writes the same recipe; each through its own staging name, so none reads half a file.
+            staging = recipe_file.with_name(f"{recipe_file.name}.{os.getpid()}.tmp")
+            staging.write_text(yaml.safe_dump(recipe, sort_keys=False))
+            os.replace(staging, recipe_file)
+            phase_logger.info(f"***** Phase {index} ({name}) of {len(args.phases)}: {folder} *****")
+            results = main(phase_argv)
+        summaries.append(phases.phase_summary(name, folder, output_dir, results))
+        if results.get("stopped_early"):
+            return phases.combined_results(results, summaries)
+    combined = phases.combined_results(results, summaries)
+    if int(os.environ.get("RANK", "0")) == 0:
+        publish_last_phase(folder, output_dir, combined)
+        if args.push_to_hub:
+            commit = publishing.push_model_dir(output_dir, args.hub_model_id)
+            logger.info(f"Published {commit.commit_url}; pin revision={commit.oid!r} to trust its remote code.")
+    return combined
+
+
+def publish_last_phase(phase_folder: Path, output_dir: Path, combined: dict[str, Any]) -> None:
+    """The last phase's final model and records, copied into `output_dir` as `save_final_model` writes a model
+    there (staged, weights last), with the all_results.json of all phases."""
+    staging = output_dir / FINAL_STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    for path in phase_folder.iterdir():
+        if path.is_file() and path.name != TRAIN_LOG:
+            shutil.copy2(path, staging / path.name)
+    write_record(staging / "all_results.json", combined)
+    move_staged_final_model(staging, output_dir)
+    scores = ", ".join(f"{s['phase']} CIDEr-D {s.get('test_cider', float('nan')):.4f}" for s in combined["phases"])
+    phase_logger.info(f"Final model (phase {combined['phases'][-1]['phase']}) in {output_dir}; test: {scores}")
 
 
 if __name__ == "__main__":
