@@ -1,7 +1,10 @@
 """Shared test set-up: everything offline, seeded, and tiny."""
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Set before transformers/datasets/evaluate are imported by any test module.
@@ -10,6 +13,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' own HF_HOME, so that the feature cache (HF_HOME/imgcap_hf/feature_cache) of train.py runs in subprocesses
+# never lands in, or reads from, the tester's.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="imgcap-tests-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
@@ -34,6 +41,14 @@ def flickr_captions() -> list[str]:
     with SHARED_CAPTIONS.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, skipinitialspace=True))
     return [row["comment"].strip() for row in rows if row.get("comment")]
+
+
+@pytest.fixture(autouse=True)
+def own_feature_cache(tmp_path, monkeypatch):
+    """Each test's in-process train.py runs get a feature cache of their own: no test reuses another's features."""
+    from imgcap_hf import feature_cache
+
+    monkeypatch.setattr(feature_cache, "default_cache_dir", lambda: tmp_path / "feature_cache")
 
 
 # The tiny encoder of the training tests, as the JSON that train.py's --vision_config takes.

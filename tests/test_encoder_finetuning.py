@@ -171,7 +171,7 @@ def test_the_encoder_gets_its_own_learning_rate_under_the_schedule_and_no_featur
     def no_cache(*args, **kwargs):
         raise AssertionError("the feature cache was built for a training encoder")
 
-    monkeypatch.setattr(train, "encode_all_splits", no_cache)
+    monkeypatch.setattr(train, "load_features", no_cache)
     monkeypatch.setattr(coco_metrics, "java_available", lambda: False)  # no METEOR: its Java start dominates the run
     forward = ImgCapForConditionalGeneration.forward
 
