@@ -30,11 +30,18 @@ def captions(model: nn.Module, images: torch.Tensor, num_beams: int) -> torch.Te
 def test_fp32_setting_keeps_greedy_and_beam_captions_exactly(decoder_type):
     model, _ = build_tiny_captioner(decoder_type, seed=4)
     images = random_images()
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad():
+            return model(pixel_values=images, decoder_input_ids=before[1][:, :-1]).logits
+
     before = {beams: captions(model, images, beams) for beams in (1, 3)}
+    logits_before = logits()
     optimized = optimize_for_cpu(model, "fp32")
     assert optimized is model and model.inference_precision == "fp32"
     convolution = model.get_encoder().backbone.embedder.embedder.convolution
     assert convolution.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(logits(), logits_before)  # bit for bit: the same arithmetic, only another weight layout
     for beams, expected in before.items():
         assert torch.equal(captions(model, images, beams), expected), beams
 
