@@ -2,10 +2,14 @@
 the model looked for each word (the Show, Attend and Tell view).
 
     python app.py                                        # outputs/shapes-attention, what `make demo` trains
-    python app.py --model DIR_OR_HUB_ID [--model ANOTHER] [--host 127.0.0.1] [--port 7860]
+    python app.py --model DIR_OR_HUB_ID [--model ANOTHER] [--host 127.0.0.1] [--port 7860] [--precision auto]
 
 The same settings come from the environment for Hugging Face Spaces: `IMGCAP_MODELS` (comma-separated model folders or
-Hub ids), `GRADIO_SERVER_NAME`, `GRADIO_SERVER_PORT`.
+Hub ids), `GRADIO_SERVER_NAME`, `GRADIO_SERVER_PORT`, `IMGCAP_PRECISION`.
+
+`--precision auto` (the default) serves each model on CPU in the fastest setting of `imgcap_hf.inference` whose
+captions of `PRECISION_CHECK_IMAGES` shapes test scenes equal fp32's, chosen at start-up; the page and the log say
+which one it uses. `fp32`, `int8` or `bf16` sets it for every model.
 
 Serving defaults, chosen for a public demo: bound to 127.0.0.1 unless told otherwise, never a share link, no
 analytics, no flagging (Blocks has none), uploads capped at 10 MB, images at `DEFAULT_MAX_PIXELS`, a bounded queue,
@@ -47,7 +51,7 @@ from gradio_client.utils import is_http_url_like
 from PIL import Image
 
 from imgcap_hf import ImgCapForConditionalGeneration, ImgCapProcessor, load_image
-from imgcap_hf.data.shapes import write_shapes_examples
+from imgcap_hf.data.shapes import generate_shapes_scenes, write_shapes_examples
 from imgcap_hf.heatmaps import (  # noqa: F401 (DISPLAY_SIDE, OUTSIDE_CROP_BRIGHTNESS: the drawing's settings, read here by tests)
     DISPLAY_SIDE,
     OUTSIDE_CROP_BRIGHTNESS,
@@ -56,6 +60,7 @@ from imgcap_hf.heatmaps import (  # noqa: F401 (DISPLAY_SIDE, OUTSIDE_CROP_BRIGH
     measure_region_centres,
     words_with_attention,
 )
+from imgcap_hf.inference import PRECISIONS, choose_precision, optimize_for_cpu
 from imgcap_hf.loading import check_model_folder, load_captioner, local_model_folder
 from imgcap_hf.models.imgcap.processing_imgcap import IGNORE_INDEX, caption_labels
 
@@ -67,6 +72,7 @@ MAX_FILE_SIZE = 10 * 1024 * 1024  # bytes per upload; Gradio answers larger uplo
 QUEUE_MAX_SIZE = 32  # waiting requests beyond this are turned away at once instead of piling up
 CONCURRENCY_LIMIT = 2  # captions computed at the same time (the demo targets a 2-core CPU Space)
 MAX_BATCH_SIZE = 8  # images one call of the batched endpoint may gather from the queue
+PRECISION_CHECK_IMAGES = 16  # shapes test scenes whose captions decide `--precision auto` at start-up
 TIME_LIMIT_SECONDS = 20.0  # generation stops after this long and returns what it has (transformers' `max_time`)
 RETRY_AFTER_SECONDS = 30  # what a caller turned away by a full queue is told to wait (the Retry-After header)
 CACHE_MAX_AGE_SECONDS = 3600  # uploads and results are deleted from Gradio's cache after about an hour
@@ -106,6 +112,7 @@ class Captioner:
     label: str
     model: ImgCapForConditionalGeneration
     processor: ImgCapProcessor
+    precision: str = "fp32"  # the CPU inference setting it runs in (`imgcap_hf.inference`), and why
     _region_centres: dict[tuple[int, int], RegionCentres] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -121,9 +128,10 @@ class Captioner:
         return self._region_centres[size]
 
 
-def load_captioners(model_paths: Sequence[str]) -> dict[str, Captioner]:
-    """Load every model once, in eval mode, keyed by a label such as `"attention (shapes-attention)"`; for attention
-    models, measure where their regions lie (`Captioner.region_centres`) for the processor's usual input size.
+def load_captioners(model_paths: Sequence[str], precision: str = "fp32") -> dict[str, Captioner]:
+    """Load every model once, in eval mode, keyed by a label such as `"attention (shapes-attention)"`, prepared for
+    CPU inference in `precision` (`serving_precision`); for attention models, measure where their regions lie
+    (`Captioner.region_centres`) for the processor's usual input size.
 
     Raises `load_captioner`'s one-sentence `ValueError` for a folder or Hub id that holds no usable ImgCap model
     (missing or mismatched files, pickle-only weights, a tokenizer of another model): a model the operator named
@@ -132,15 +140,36 @@ def load_captioners(model_paths: Sequence[str]) -> dict[str, Captioner]:
     captioners = {}
     for path in model_paths:
         model, processor = load_captioner(path)
+        model, setting = serving_precision(model, processor, precision)
         label = f"{model.config.decoder_type} ({Path(str(path).rstrip('/')).name})"
         if label in captioners:
             label = f"{label} #{len(captioners) + 1}"
-        captioners[label] = Captioner(label, model, processor)
+        print(f"* {label}: inference in {setting}", flush=True)
+        captioners[label] = Captioner(label, model, processor, setting)
         if captioners[label].has_attention:
             # Now rather than on the first request: no request waits for it.
             usual_input = processor(images=Image.new("RGB", (256, 256)), return_tensors="pt")["pixel_values"]
             captioners[label].region_centres(*usual_input.shape[-2:])  # (1, 3, height, width)
     return captioners
+
+
+def serving_precision(
+    model: ImgCapForConditionalGeneration, processor: ImgCapProcessor, precision: str
+) -> tuple[ImgCapForConditionalGeneration, str]:
+    """The model prepared for CPU inference in `precision`, and a line saying which setting it runs in. `"auto"`
+    chooses the fastest setting whose captions of `PRECISION_CHECK_IMAGES` shapes test scenes (beam search with the
+    app's defaults) equal fp32's (`choose_precision`). A model on a GPU runs as loaded."""
+    if model.device.type != "cpu":
+        return model, f"{model.dtype} on {model.device} (as loaded)"
+    if precision != "auto":
+        return optimize_for_cpu(model, precision), f"{precision} (set by --precision)"
+    scenes = generate_shapes_scenes(num_train=0, num_validation=0, num_test=PRECISION_CHECK_IMAGES, seed=1)
+    images = [scene.image for scene in scenes["test"]]
+    defaults = DecodingSettings()
+    model, choice = choose_precision(
+        model, processor, images, num_beams=defaults.num_beams, max_new_tokens=defaults.max_new_tokens
+    )
+    return model, choice.describe()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -574,14 +603,17 @@ def write_examples(directory: str | Path) -> list[tuple[Path, str]]:
 
 
 def build_demo(
-    model_paths: Sequence[str], examples_dir: str | Path | None = None, time_limit: float = TIME_LIMIT_SECONDS
+    model_paths: Sequence[str],
+    examples_dir: str | Path | None = None,
+    time_limit: float = TIME_LIMIT_SECONDS,
+    precision: str = "fp32",
 ) -> gr.Blocks:
     """Load the models and build the Blocks app, queue configured; `launch_demo` serves it with the safe settings.
 
     With no model paths the app still starts and explains how to get a model. `examples_dir` defaults to a new
-    temporary folder.
+    temporary folder. `precision` is the CPU inference setting (`serving_precision`).
     """
-    captioners = load_captioners(model_paths)
+    captioners = load_captioners(model_paths, precision)
     # Gradio keeps uploads and its copies of the examples in its upload folder ($GRADIO_TEMP_DIR, else <temp>/gradio).
     service = CaptionService(captioners, time_limit=time_limit, upload_folder=get_upload_folder())
     if examples_dir is None:
@@ -619,6 +651,9 @@ def _add_header_and_model_choice(captioners: dict[str, Captioner]) -> gr.Dropdow
     )
     if not captioners:
         gr.Markdown(NO_MODEL_MESSAGE)
+    else:
+        settings = [f"- Inference setting of {label}: {entry.precision}" for label, entry in captioners.items()]
+        gr.Markdown("\n".join(settings), elem_id="inference-setting")
     return gr.Dropdown(
         choices=list(captioners), value=next(iter(captioners), None), label="Model",
         visible=len(captioners) > 1, interactive=True,
@@ -812,6 +847,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port_number, default=None,
         help="Default: $GRADIO_SERVER_PORT, else the first free port from 7860.",
     )  # fmt: skip
+    parser.add_argument(
+        "--precision", choices=("auto", *PRECISIONS), default=os.environ.get("IMGCAP_PRECISION", "auto"),
+        help="CPU inference setting: auto (the fastest whose captions of shapes test scenes equal fp32's, chosen at "
+        "start-up), fp32, int8 or bf16. Default: $IMGCAP_PRECISION, else auto.",
+    )  # fmt: skip
     return parser
 
 
@@ -878,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     model_paths = resolve_model_paths(args)
     try:
-        demo = build_demo(model_paths)
+        demo = build_demo(model_paths, precision=args.precision)
     except (OSError, ValueError) as error:
         build_parser().exit(2, f"app.py: error: cannot load the model(s) {', '.join(model_paths)}: {error}\n")
     torch.set_num_threads(serving_threads(torch.get_num_threads()))

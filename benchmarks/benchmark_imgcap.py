@@ -17,7 +17,12 @@ Usage (from the repository root, with the package installed: `make install` or `
 Measures (`--only` names): `train` (training step with the encoder), `decoder` (training step on precomputed
 features), `epoch` (N images x 5 captions: feature cache vs encoding every step), `beam` (beam-5 and greedy
 captions/s), `latency` (one image, beam 3), `memory` (peak resident memory, each in a fresh subprocess), `bf16`
-(autocast speed and caption agreement).
+(autocast speed and caption agreement), `inference` (the CPU inference settings of `imgcap_hf.inference` against
+fp32 and the reference: beam 5 on 4 and 16 images, one image at beam 3, greedy captions/s at batch 16).
+
+The full-size table has a `bound` column for inference rows: the time that reading the decoder's per-step weights
+once per generated word at this machine's measured memory bandwidth (a 64 MB tensor copy), plus the encoder's FLOPs
+at its measured peak FLOP rate (a 2048 x 2048 float32 matmul), would take; for a rate, the captions/s that allows.
 
 `--quick` (what tests/test_benchmark.py runs) checks the script, not the speed: at tiny sizes the timings mean
 nothing, so it reports the times without ratios or targets.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -44,12 +50,14 @@ import torch
 import transformers
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
+from imgcap_hf.inference import candidate_precisions, optimize_for_cpu
 
-MEASURES = ("train", "decoder", "epoch", "beam", "latency", "memory", "bf16")
+MEASURES = ("train", "decoder", "epoch", "beam", "latency", "memory", "bf16", "inference")
 TINY_RESNET = {"model_type": "resnet", "depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 24, 32], "embedding_size": 8}
 
 
@@ -561,6 +569,7 @@ class Row:
     met: bool | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)
     why: list[str] = field(default_factory=list)  # filled in where a target is missed
+    bound: float | None = None  # inference rows: what the machine's bandwidth and FLOP rate allow (`MachineLimits`)
 
 
 def format_value(value: float | None, unit: str) -> str:
@@ -582,13 +591,13 @@ def format_table(rows: list[Row], judge_speed: bool = True) -> str:
         lines += [f"| {row.what} | {format_value(row.ours, row.unit)} | {format_value(row.reference, row.unit)} |"
                   for row in rows]  # fmt: skip
         return "\n".join(lines)
-    lines = ["| what | ours | reference | ratio | target | met? |", "|---|---|---|---|---|---|"]
+    lines = ["| what | ours | reference | ratio | target | met? | bound |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = f"{row.ratio:.1f}x" if row.ratio is not None else "-"
         met = {True: "yes", False: "**no**", None: "-"}[row.met]
         lines.append(
             f"| {row.what} | {format_value(row.ours, row.unit)} | {format_value(row.reference, row.unit)} | "
-            f"{ratio} | {row.target or '-'} | {met} |"
+            f"{ratio} | {row.target or '-'} | {met} | {format_value(row.bound, row.unit)} |"
         )
     return "\n".join(lines)
 
@@ -651,6 +660,16 @@ class Bench:
     judge_speed: bool = True  # False under --quick: tiny sizes say nothing about speed
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    limits: MachineLimits | None = None  # measured on first use by `bound_seconds`
+
+    def bound_seconds(self, images: int, steps: int, precision: str = "fp32") -> float:
+        """What this machine's bandwidth and FLOP rate allow for captioning `images` images in `steps` steps with our
+        model in `precision` (`MachineLimits`)."""
+        if self.limits is None:
+            self.limits = MachineLimits.measure(self.ours, self.sizes)
+            self.notes.append(f"Bound column: {self.limits.describe()}.")
+        step_bytes = step_weights(self.ours) * BYTES_PER_WEIGHT[precision]
+        return self.limits.seconds(step_bytes, images, steps)
 
     def set_target(self, row: Row, target: str, met: bool, explain_miss: Callable[[], None]) -> None:
         """Give `row` its target and, where it is missed, the reasons (`explain_miss`). Under --quick no row gets a
@@ -875,6 +894,7 @@ def measure_decoding(bench: Bench) -> None:
         f"beam search, beam {sizes.num_beams}, <= {new_tokens} words, {len(images)} images per call (reference: "
         f"{len(few)} images, one at a time) (captions/s)", times["ours"], times["reference"], len(images), len(few),
     )  # fmt: skip
+    beam.bound = len(images) / bench.bound_seconds(len(images), new_tokens)
     bench.set_target(
         beam, ">= 20x", beam.ratio >= 20,
         lambda: bench.explain_miss(
@@ -888,16 +908,12 @@ def measure_decoding(bench: Bench) -> None:
             "reference": lambda: reference.greedy(images, new_tokens),
         }
         greedy_times = time_calls(greedy_calls, bench.repeats)
-    bench.rows += [
-        beam,
-        rate_row(
-            f"greedy decoding, <= {new_tokens} words, {len(images)} images per call (captions/s)",
-            greedy_times["ours"],
-            greedy_times["reference"],
-            len(images),
-            len(images),
-        ),
-    ]
+    greedy = rate_row(
+        f"greedy decoding, <= {new_tokens} words, {len(images)} images per call (captions/s)",
+        greedy_times["ours"], greedy_times["reference"], len(images), len(images),
+    )  # fmt: skip
+    greedy.bound = len(images) / bench.bound_seconds(len(images), new_tokens)
+    bench.rows += [beam, greedy]
     words = {name: statistics.mean(len(caption) - 1 for caption in found) for name, found in captions.items()}
     bench.notes.append(
         f"Beam-{sizes.num_beams} captions averaged {words['ours']:.1f} words (ours) and {words['reference']:.1f} "
@@ -919,6 +935,7 @@ def measure_latency(bench: Bench) -> None:
     calls = {"ours": ours_caption, "reference": lambda: reference.beam_search(image, beams, new_tokens)}
     times = time_calls(calls, max(5, bench.repeats))
     row = time_row(f"latency, one image, beam {beams}, <= {new_tokens} words (s)", times["ours"], times["reference"])
+    row.bound = bench.bound_seconds(1, new_tokens)
     bench.set_target(
         row, "ours < 0.3 s", row.ours < 0.3, lambda: bench.explain_miss(row, ours_caption, ENCODER_HINT, image)
     )
@@ -984,6 +1001,115 @@ def measure_reduced_precision(bench: Bench) -> None:
             "rounding flips them more often than in a trained model."
         )
     ours.to("cpu")
+
+
+@dataclass(frozen=True)
+class MachineLimits:
+    """This machine's measured memory bandwidth and float32 matmul rate, and what they allow a captioner: the time of
+    reading its decoder's per-step weights once per word plus its encoder's FLOPs at the peak rate."""
+
+    bytes_per_second: float
+    flops_per_second: float
+    encoder_flops_per_image: float
+
+    @classmethod
+    def measure(cls, model: ImgCapForConditionalGeneration, sizes: Sizes) -> MachineLimits:
+        source = torch.ones(16 * 1024 * 1024)  # 64 MB
+        target = torch.empty_like(source)
+        copy_seconds = median(time_calls({"copy": lambda: target.copy_(source)}, repeats=9)["copy"])
+        square = torch.randn(2048, 2048)
+        matmul_seconds = median(time_calls({"matmul": lambda: square @ square}, repeats=5)["matmul"])
+        image = random_images(sizes, 1, seed=60)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.get_encoder()(image)
+        return cls(2 * source.numel() * 4 / copy_seconds, 2 * 2048**3 / matmul_seconds, counter.get_total_flops())
+
+    def seconds(self, step_bytes: int, images: int, steps: int) -> float:
+        """The lower bound for captioning `images` images with `steps` decoding steps each, reading `step_bytes` of
+        decoder weights per step."""
+        decoder_seconds = steps * step_bytes / self.bytes_per_second
+        return decoder_seconds + images * self.encoder_flops_per_image / self.flops_per_second
+
+    def describe(self) -> str:
+        return (
+            f"memory bandwidth {self.bytes_per_second / 1e9:.1f} GB/s (64 MB tensor copy, read + write), float32 "
+            f"matmul {self.flops_per_second / 1e9:.0f} GFLOP/s (2048 x 2048), encoder "
+            f"{self.encoder_flops_per_image / 1e9:.1f} GFLOP per image"
+        )
+
+
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1}
+
+
+def step_weights(model: ImgCapForConditionalGeneration) -> int:
+    """How many decoder weights every decoding step reads: the recurrent layers, the attention query and score and
+    the output layer; not the word embedding (one row per caption) nor the region projection (once per image)."""
+    decoder = model.decoder
+    if model.config.decoder_type == "attention":
+        layers = [decoder.cells, decoder.attention.hidden_projection, decoder.attention.score, decoder.output]
+    else:
+        layers = [decoder.lstm, decoder.output]
+    return sum(parameter.numel() for layer in layers for parameter in layer.parameters())
+
+
+def measure_inference_settings(bench: Bench) -> None:
+    """The issue-17 targets, each setting of `imgcap_hf.inference` against our fp32 model and the reference, in one
+    process: beam 5 over 4 and 16 images, one image at beam 3, greedy at batch 16; each row with its bound."""
+    ours, reference, sizes = bench.ours, bench.reference, bench.sizes
+    settings = {"fp32": ours} | {
+        precision: optimize_for_cpu(copy.deepcopy(ours), precision) for precision in candidate_precisions()
+    }
+    new_tokens, few = sizes.max_new_tokens, sizes.reference_beam_images
+    images = random_images(sizes, sizes.decode_images, seed=70)
+
+    def generate(model, pixels, **kwargs) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                model.generate(pixel_values=pixels, max_new_tokens=new_tokens, **kwargs)
+
+        return call
+
+    def reference_beam() -> None:
+        for image in images[:few]:
+            reference.beam_search(image[None], sizes.num_beams, new_tokens)
+
+    for count in (few, sizes.decode_images):
+        calls = {name: generate(model, images[:count], num_beams=sizes.num_beams) for name, model in settings.items()}
+        times = time_calls({**calls, **({"reference": reference_beam} if count == few else {})}, bench.slow_repeats)
+        if count == few:
+            reference_times = times["reference"]
+        for name in settings:
+            row = rate_row(
+                f"beam {sizes.num_beams}, <= {new_tokens} words, {count} images, encoder included, ours {name} "
+                f"(reference: {few} images one at a time) (captions/s)", times[name], reference_times, count, few,
+            )  # fmt: skip
+            row.bound = count / bench.bound_seconds(count, new_tokens, name)
+            bench.set_target(row, ">= 40x", row.ratio >= 40, lambda: None)
+            bench.rows.append(row)
+
+    image = images[:1]
+    calls = {name: generate(model, image, num_beams=sizes.latency_beams) for name, model in settings.items()}
+    times = time_calls(calls, max(5, bench.repeats))
+    for name in settings:
+        row = time_row(
+            f"latency, one image, beam {sizes.latency_beams}, <= {new_tokens} words, ours {name} vs (reference "
+            "column) ours fp32 (s)", times[name], times["fp32"],
+        )  # fmt: skip
+        row.bound = bench.bound_seconds(1, new_tokens, name)
+        bench.set_target(row, "<= 0.25 s", row.ours <= 0.25, lambda: None)
+        bench.rows.append(row)
+
+    calls = {name: generate(model, images, do_sample=False) for name, model in settings.items()}
+    times = time_calls(calls, bench.repeats)
+    for name in settings:
+        row = rate_row(
+            f"greedy, <= {new_tokens} words, {len(images)} images per call, ours {name} vs (reference column) ours "
+            "fp32 (captions/s)", times[name], times["fp32"], len(images), len(images),
+        )  # fmt: skip
+        row.bound = len(images) / bench.bound_seconds(len(images), new_tokens, name)
+        if name != "fp32":
+            bench.set_target(row, ">= 3x", row.ratio >= 3, lambda: None)
+        bench.rows.append(row)
 
 
 # ====================================================================================================================
@@ -1067,6 +1193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "latency": lambda: measure_latency(bench),
         "memory": lambda: measure_memory(bench, args.quick),
         "bf16": lambda: measure_reduced_precision(bench),
+        "inference": lambda: measure_inference_settings(bench),
     }
     for name in MEASURES:
         if name in args.only:

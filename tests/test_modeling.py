@@ -6,7 +6,6 @@ from transformers import AutoModel, ResNetConfig, ResNetForImageClassification, 
 from transformers.modeling_outputs import BaseModelOutput
 
 from imgcap_hf import ImgCapConfig, ImgCapForConditionalGeneration
-from imgcap_hf.models.imgcap.modeling_imgcap import _lstm_cell
 
 VOCAB_SIZE = 40
 DECODER_TYPES = ["attention", "pooled"]
@@ -202,9 +201,8 @@ def test_decoder_cells_compute_what_nn_lstmcell_computes():
     model = tiny_model("attention")
     cell = model.decoder.cells[0]
     inputs, hidden, cell_state = (torch.randn(4, size) for size in (cell.input_size, 32, 32))
-    products = model.decoder.step_products(gather_gradients=False)
-    input_matmul, hidden_matmul, bias = products.cells[0]
-    ours = _lstm_cell(inputs, hidden, cell_state, input_matmul, hidden_matmul, bias)
+    products = model.decoder.step_products(gather_gradients=False)  # `_lstm_cell` with plain weight products
+    ours = products.cells[0](inputs, (hidden, cell_state))
     torch.testing.assert_close(ours, cell(inputs, (hidden, cell_state)))
 
 

@@ -156,10 +156,6 @@ class _SharedStepWeight:
         return _StepMatmul.apply(inputs, self.weight, self.records)
 
 
-def _step_matmul(weight: torch.Tensor, gather_gradients: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    return _SharedStepWeight(weight) if gather_gradients else partial(F.linear, weight=weight)
-
-
 def _lstm_cell(
     inputs: torch.Tensor,
     hidden: torch.Tensor,
@@ -176,13 +172,42 @@ def _lstm_cell(
     return torch.sigmoid(output_gate) * torch.tanh(cell), cell  # each (batch, hidden_size)
 
 
+def _step_matmul(weight: torch.Tensor, gather_gradients: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    return _SharedStepWeight(weight) if gather_gradients else partial(F.linear, weight=weight)
+
+
+class _SplitLSTMCell:
+    """An `nn.LSTMCell`'s step, `(inputs, (hidden, cell)) -> (hidden, cell)`, computed by `_lstm_cell` with its two
+    weight products as `_step_matmul`s: in training their gradients are gathered once per pass."""
+
+    def __init__(self, cell: nn.LSTMCell, gather_gradients: bool):
+        self.input_matmul = _step_matmul(cell.weight_ih, gather_gradients)
+        self.hidden_matmul = _step_matmul(cell.weight_hh, gather_gradients)
+        self.bias = cell.bias_ih + cell.bias_hh  # (4 * hidden_size,)
+
+    def __call__(self, inputs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        return _lstm_cell(inputs, *state, self.input_matmul, self.hidden_matmul, self.bias)
+
+
+class _SplitLinear:
+    """`linear(inputs)` as `inputs @ weight.T + bias`, the product a `_step_matmul`."""
+
+    def __init__(self, linear: nn.Linear, gather_gradients: bool):
+        self.matmul = _step_matmul(linear.weight, gather_gradients)
+        self.bias = linear.bias
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        outputs = self.matmul(inputs)
+        return outputs if self.bias is None else outputs + self.bias
+
+
 @dataclass
 class _AttentionStepProducts:
-    """The attention decoder's per-step weight products for one forward pass (see `_SharedStepWeight`)."""
+    """The attention decoder's per-step layers for one forward pass (see `step_products`)."""
 
-    cells: list[tuple[Callable, Callable, torch.Tensor]]  # per layer: input product, hidden product, summed biases
-    query: Callable[[torch.Tensor], torch.Tensor]
-    output: Callable[[torch.Tensor], torch.Tensor]
+    cells: list[Callable]  # per layer: (inputs, (hidden, cell)) -> (hidden, cell), as `nn.LSTMCell`
+    query: Callable[[torch.Tensor], torch.Tensor]  # hidden -> attention query, without bias
+    output: Callable[[torch.Tensor], torch.Tensor]  # top hidden -> logits, with the output bias
 
 
 def _real_positions(decoder_attention_mask: torch.Tensor | None, num_steps: int) -> torch.Tensor | None:
@@ -354,19 +379,17 @@ class ImgCapAttentionDecoder(nn.Module):
         return ImgCapDecoderState(zeros, zeros, regions, attention_keys)
 
     def step_products(self, gather_gradients: bool) -> _AttentionStepProducts:
-        """The weight products of `step`, prepared once per forward pass: with `gather_gradients` (training), each
-        weight's gradient is computed once for all steps (`_SharedStepWeight`); otherwise they are plain products."""
+        """The layers of `step`, prepared once per forward pass: with `gather_gradients` (training), each weight's
+        gradient is computed once for all steps (`_SharedStepWeight`). A layer that is no longer a float `nn.LSTMCell`
+        or `nn.Linear` (int8 dynamic quantization by `imgcap_hf.inference.optimize_for_cpu`) runs as it is."""
+
+        def split(layer: nn.Module, split_class: type) -> Callable:
+            return split_class(layer, gather_gradients) if isinstance(layer, (nn.LSTMCell, nn.Linear)) else layer
+
         return _AttentionStepProducts(
-            cells=[
-                (
-                    _step_matmul(cell.weight_ih, gather_gradients),
-                    _step_matmul(cell.weight_hh, gather_gradients),
-                    cell.bias_ih + cell.bias_hh,
-                )
-                for cell in self.cells
-            ],
-            query=_step_matmul(self.attention.hidden_projection.weight, gather_gradients),
-            output=_step_matmul(self.output.weight, gather_gradients),
+            cells=[split(cell, _SplitLSTMCell) for cell in self.cells],
+            query=split(self.attention.hidden_projection, _SplitLinear),
+            output=split(self.output, _SplitLinear),
         )
 
     def step(
@@ -380,14 +403,12 @@ class ImgCapAttentionDecoder(nn.Module):
         )
         layer_input = torch.cat([self.embedding(token_ids), context], dim=-1)  # (batch, embedding + feature)
         hiddens, cells = [], []
-        for layer, (input_matmul, hidden_matmul, bias) in enumerate(products.cells):
-            hidden, cell_state = _lstm_cell(
-                layer_input, state.hidden[layer], state.cell[layer], input_matmul, hidden_matmul, bias
-            )
+        for layer, lstm_cell in enumerate(products.cells):
+            hidden, cell_state = lstm_cell(layer_input, (state.hidden[layer], state.cell[layer]))
             hiddens.append(hidden)
             cells.append(cell_state)
             layer_input = self.dropout(hidden)  # between layers, and before the output layer
-        logits = products.output(layer_input) + self.output.bias  # (batch, vocab)
+        logits = products.output(layer_input)  # (batch, vocab)
         new_state = ImgCapDecoderState(torch.stack(hiddens), torch.stack(cells), state.regions, state.attention_keys)
         return logits, attention_weights, hiddens[-1], new_state
 
