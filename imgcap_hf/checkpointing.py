@@ -104,7 +104,7 @@ def apply_umask(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _write_safetensors(save, path: Path) -> None:
+def write_safetensors(save, path: Path) -> None:
     """Run a safetensors save into `path`, give the file the umask's permissions and fsync it. safetensors reports
     I/O failures as `SafetensorError`; they become the `OSError` they are (errno kept: "File too large", "No space
     left on device")."""
@@ -119,18 +119,18 @@ def _write_safetensors(save, path: Path) -> None:
     fsync_path(path)
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(value, indent=1) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -235,7 +235,7 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict[str, Any]:
             "not a checkpoint of this train.py)."
         )
     try:
-        manifest = _read_json(manifest_path)
+        manifest = read_json(manifest_path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{manifest_path} is unreadable ({error}): the checkpoint is damaged.") from error
     if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
@@ -259,7 +259,7 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> dict[str, Any]:
                 f"{path} is incomplete or damaged: {name} has {file.stat().st_size} bytes, the manifest says "
                 f"{entry.get('bytes')}."
             )
-        if check_hashes and _sha256(file) != entry.get("sha256"):
+        if check_hashes and sha256_of_file(file) != entry.get("sha256"):
             raise CheckpointError(f"{path} is damaged: the sha256 of {name} differs from the manifest's.")
     return manifest
 
@@ -294,7 +294,7 @@ def read_run_id(folder: Path) -> str | None:
 
 def write_run_id(folder: Path, run_id: str) -> None:
     staging = Path(folder) / (RUN_FILE + STAGING_SUFFIX)
-    _write_json(staging, {"run_id": run_id})
+    write_json(staging, {"run_id": run_id})
     os.replace(staging, Path(folder) / RUN_FILE)
 
 
@@ -351,7 +351,7 @@ def clean_interrupted(folder: Path) -> list[Path]:
 # ====================================================================================================================
 
 
-def _everyone_succeeded(accelerator, succeeded: bool) -> bool:
+def everyone_succeeded(accelerator, succeeded: bool) -> bool:
     """True when every process succeeded. A collective, so all processes take the same decision and none is left
     waiting at a barrier for a process that gave up."""
     if accelerator.num_processes == 1:
@@ -363,23 +363,25 @@ def _everyone_succeeded(accelerator, succeeded: bool) -> bool:
 def _write_state_files(accelerator, staging: Path, model, optimizer, scheduler, training_state) -> None:
     """The main process writes the shared state; every process writes its own RNG file."""
     if accelerator.is_main_process:
-        _write_safetensors(lambda path: save_model(accelerator.unwrap_model(model), path), staging / MODEL_FILE)
+        write_safetensors(lambda path: save_model(accelerator.unwrap_model(model), path), staging / MODEL_FILE)
         tensors, rest = split_optimizer_state(optimizer.state_dict())
-        _write_safetensors(lambda path: save_file(tensors, path), staging / OPTIMIZER_TENSORS_FILE)
-        _write_json(staging / OPTIMIZER_FILE, rest)
-        _write_json(staging / SCHEDULER_FILE, scheduler.state_dict())
+        write_safetensors(lambda path: save_file(tensors, path), staging / OPTIMIZER_TENSORS_FILE)
+        write_json(staging / OPTIMIZER_FILE, rest)
+        write_json(staging / SCHEDULER_FILE, scheduler.state_dict())
         if accelerator.scaler is not None and accelerator.scaler.is_enabled():
-            _write_json(staging / SCALER_FILE, accelerator.scaler.state_dict())
-        _write_json(staging / TRAINING_STATE_FILE, training_state)
+            write_json(staging / SCALER_FILE, accelerator.scaler.state_dict())
+        write_json(staging / TRAINING_STATE_FILE, training_state)
     rng = {**get_rng_state(), "accelerator_step": accelerator.step}
-    _write_json(staging / rng_state_file(accelerator.process_index), rng)
+    write_json(staging / rng_state_file(accelerator.process_index), rng)
 
 
 def _publish(staging: Path, final: Path, step: int, num_processes: int, run_id: str | None) -> None:
     """Manifest last, then the folder's run record and the atomic rename; fsync the folders so the rename survives a
     power cut."""
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(staging.iterdir()) if p.is_file()
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_of_file(p)}
+        for p in sorted(staging.iterdir())
+        if p.is_file()
     }
     manifest = {
         "format": CHECKPOINT_FORMAT,
@@ -390,7 +392,7 @@ def _publish(staging: Path, final: Path, step: int, num_processes: int, run_id: 
     }
     if run_id is not None:
         manifest["run_id"] = run_id
-    _write_json(staging / MANIFEST_NAME, manifest)
+    write_json(staging / MANIFEST_NAME, manifest)
     fsync_path(staging)
     if run_id is not None:  # before the rename: `latest` never sees this checkpoint under another run's record
         write_run_id(final.parent, run_id)
@@ -426,19 +428,19 @@ def save_checkpoint(
             staging.mkdir(parents=True)
     except OSError as caught:
         error = caught
-    ok = _everyone_succeeded(accelerator, error is None)
+    ok = everyone_succeeded(accelerator, error is None)
     if ok:
         try:
             _write_state_files(accelerator, staging, model, optimizer, scheduler, training_state)
         except OSError as caught:
             error = caught
-    ok = _everyone_succeeded(accelerator, ok and error is None)
+    ok = everyone_succeeded(accelerator, ok and error is None)
     if ok and accelerator.is_main_process:
         try:
             _publish(staging, final, step, accelerator.num_processes, run_id)
         except OSError as caught:
             error = caught
-    ok = _everyone_succeeded(accelerator, ok and error is None)
+    ok = everyone_succeeded(accelerator, ok and error is None)
     if not ok:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
@@ -472,20 +474,20 @@ def load_checkpoint(accelerator, path: Path, model, optimizer, scheduler) -> dic
             f"{path / MODEL_FILE} does not fit this model (were the model flags changed?): {first_lines}"
         ) from error
     try:
-        rest = _read_json(path / OPTIMIZER_FILE)
+        rest = read_json(path / OPTIMIZER_FILE)
         tensors = load_file(str(path / OPTIMIZER_TENSORS_FILE))
         optimizer.load_state_dict(join_optimizer_state(tensors, rest, optimizer.state_dict()["param_groups"]))
-        scheduler.load_state_dict(_read_json(path / SCHEDULER_FILE))
+        scheduler.load_state_dict(read_json(path / SCHEDULER_FILE))
         if accelerator.scaler is not None and accelerator.scaler.is_enabled() and SCALER_FILE in manifest["files"]:
-            accelerator.scaler.load_state_dict(_read_json(path / SCALER_FILE))
+            accelerator.scaler.load_state_dict(read_json(path / SCALER_FILE))
         rng_name = rng_state_file(accelerator.process_index)
         if rng_name in manifest["files"]:
-            rng = _read_json(path / rng_name)
+            rng = read_json(path / rng_name)
             set_rng_state(rng)
             accelerator.step = rng["accelerator_step"]
         else:
             logger.warning(f"{path} has no {rng_name} (saved with fewer processes?): random states not restored")
-        return _read_json(path / TRAINING_STATE_FILE)
+        return read_json(path / TRAINING_STATE_FILE)
     except (SafetensorError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"The training state in {path} does not fit this run: {error!r}") from error
 

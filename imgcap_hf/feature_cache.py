@@ -60,7 +60,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .batching import encode_images
-from .checkpointing import _everyone_succeeded, _read_json, _sha256, _write_json, _write_safetensors, fsync_path
+from .checkpointing import everyone_succeeded, fsync_path, read_json, sha256_of_file, write_json, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def verify_manifest(folder: Path, key: str) -> dict[str, Any]:
     `ValueError` saying in one sentence what is wrong."""
     manifest_path = folder / MANIFEST_NAME
     try:
-        manifest = _read_json(manifest_path)
+        manifest = read_json(manifest_path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{manifest_path} is missing or unreadable ({error}).") from error
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
@@ -233,7 +233,7 @@ def verify_shard(folder: Path, entry: Mapping[str, Any], row_shape: Sequence[int
         raise ValueError(f"{path} is missing.")
     if path.stat().st_size != entry["bytes"]:
         raise ValueError(f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}.")
-    if _sha256(path) != entry["sha256"]:
+    if sha256_of_file(path) != entry["sha256"]:
         raise ValueError(f"the sha256 of {path} differs from the manifest's.")
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -276,8 +276,8 @@ def _held_lock(path: Path, held: bool):
 
 def _write_shard(partial: Path, name: str, features: torch.Tensor) -> None:
     path = partial / name
-    _write_safetensors(lambda target: save_file({TENSOR_NAME: features.contiguous()}, target), path)
-    _write_json(partial / (name + HASH_SUFFIX), {"bytes": path.stat().st_size, "sha256": _sha256(path)})
+    write_safetensors(lambda target: save_file({TENSOR_NAME: features.contiguous()}, target), path)
+    write_json(partial / (name + HASH_SUFFIX), {"bytes": path.stat().st_size, "sha256": sha256_of_file(path)})
 
 
 def _publish(partial: Path, final: Path, key: str, parts: Mapping[str, Any], shards, row_shape) -> dict[str, Any]:
@@ -285,13 +285,13 @@ def _publish(partial: Path, final: Path, key: str, parts: Mapping[str, Any], sha
     entries = []
     for first_row, rows in shards:
         name = f"{first_row:09d}.safetensors"
-        written = _read_json(partial / (name + HASH_SUFFIX))
+        written = read_json(partial / (name + HASH_SUFFIX))
         entries.append({"file": name, "first_row": first_row, "rows": rows, **written})
         (partial / (name + HASH_SUFFIX)).unlink()
     manifest = {"format": CACHE_FORMAT, "format_version": FORMAT_VERSION, "key": key, "key_parts": parts,
                 "rows": sum(rows for _, rows in shards), "row_shape": list(row_shape), "dtype": parts["dtype"],
                 "shards": entries}  # fmt: skip
-    _write_json(partial / MANIFEST_NAME, manifest)
+    write_json(partial / MANIFEST_NAME, manifest)
     fsync_path(partial)
     os.replace(partial, final)
     fsync_path(final.parent)
@@ -328,7 +328,7 @@ def _build(accelerator, model, split, image_processor, *, folder: Path, key, par
             partial.mkdir()
         except OSError as caught:
             error = caught
-    if not _everyone_succeeded(accelerator, error is None):
+    if not everyone_succeeded(accelerator, error is None):
         if isinstance(error, FeatureCacheError):  # not enough disk space: its own sentence
             raise error
         reason = error.strerror or error if error is not None else "on the main process"
@@ -346,13 +346,13 @@ def _build(accelerator, model, split, image_processor, *, folder: Path, key, par
             _write_shard(partial, f"{first_row:09d}.safetensors", features)
     except OSError as caught:
         error = caught
-    ok = _everyone_succeeded(accelerator, error is None)
+    ok = everyone_succeeded(accelerator, error is None)
     if ok and accelerator.is_main_process:
         try:
             _publish(partial, final, key, parts, shards, row_shape)
         except OSError as caught:
             error = caught
-    if not _everyone_succeeded(accelerator, ok and error is None):
+    if not everyone_succeeded(accelerator, ok and error is None):
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         reason = f"{error.strerror or error}" if error is not None else "another process failed to write its part"
@@ -370,7 +370,7 @@ def _verified_everywhere(accelerator, folder: Path, key: str) -> dict[str, Any] 
             verify_shard(folder / key, entry, manifest["row_shape"], manifest["dtype"])
     except ValueError as error:
         problem = error
-    if not _everyone_succeeded(accelerator, problem is None):
+    if not everyone_succeeded(accelerator, problem is None):
         if problem is not None and (folder / key).exists():
             logger.warning(f"Feature cache {folder / key} is damaged or incomplete ({problem}): encoding it again")
         return None
@@ -390,7 +390,7 @@ def load_or_encode(
             cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as caught:
             error = caught
-    if not _everyone_succeeded(accelerator, error is None):
+    if not everyone_succeeded(accelerator, error is None):
         reason = error.strerror or error if error is not None else "on the main process"
         raise FeatureCacheError(f"The feature cache folder {cache_dir} cannot be created ({reason}).") from error
     model.to(accelerator.device)

@@ -212,7 +212,7 @@ def test_a_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path):
     manifest = json.loads((path / "checkpoint.json").read_text())
     manifest["files"]["custom_checkpoint_0.pkl"] = {
         "bytes": (path / "custom_checkpoint_0.pkl").stat().st_size,
-        "sha256": checkpointing._sha256(path / "custom_checkpoint_0.pkl"),
+        "sha256": checkpointing.sha256_of_file(path / "custom_checkpoint_0.pkl"),
     }
     (path / "checkpoint.json").write_text(json.dumps(manifest))
     accelerator, model, optimizer, scheduler = tiny_training_state(seed=1)
