@@ -4,6 +4,8 @@ import atexit
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -74,6 +76,19 @@ def tiny_args(output_dir: Path, decoder_type: str = "attention", *extra: str) ->
         "--num_beams", "2", "--max_new_tokens", "12", "--num_warmup_steps", "0", "--learning_rate", "1e-2",
         *extra,
     ]  # fmt: skip
+
+
+def train_in_two_processes(train_args: list[str]) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2 train.py ARGS`: torchrun starts two processes, and train.py
+    picks DDP over gloo on a machine without GPUs (accelerate's `--cpu` launcher would start a single process)."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
+        *train_args,
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def run_without_imgcap(script: str, tmp_path: Path) -> dict:

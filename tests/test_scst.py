@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_captioner, tiny_args
+from conftest import build_tiny_captioner, tiny_args, train_in_two_processes
 from safetensors.torch import load_file
 from transformers.modeling_outputs import BaseModelOutput
 
@@ -182,14 +182,9 @@ def test_an_interrupted_scst_run_resumes_bit_exactly(cross_entropy_model, tmp_pa
 
 @pytest.mark.slow
 def test_two_process_ddp_scst_run(cross_entropy_model, tmp_path):
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
-        *scst_args(tmp_path / "ddp", cross_entropy_model, "--max_train_steps", "2", "--logging_steps", "1"),
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_in_two_processes(
+        scst_args(tmp_path / "ddp", cross_entropy_model, "--max_train_steps", "2", "--logging_steps", "1")
+    )
     results = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
     assert results["completed_steps"] == 2 and results["test_num_images"] == 4
     log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]

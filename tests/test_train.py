@@ -13,7 +13,7 @@ from typing import Literal
 
 import pytest
 import torch
-from conftest import TINY_TRAIN_VISION, tiny_args
+from conftest import TINY_TRAIN_VISION, tiny_args, train_in_two_processes
 from safetensors.torch import load_file
 
 import push_to_hub
@@ -266,16 +266,7 @@ def test_model_flags_are_the_config_fields_and_the_config_validates_them(capsys)
 
 @pytest.mark.slow
 def test_two_process_ddp_run_with_accelerate_launch(tmp_path):
-    # accelerate's `--cpu` launcher starts a single process; `--multi_gpu` starts torchrun, and train.py then picks
-    # DDP over gloo because the machine has no GPU.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
-        *tiny_args(tmp_path / "ddp", "pooled", "--num_train_epochs", "1"),
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    train_in_two_processes(tiny_args(tmp_path / "ddp", "pooled", "--num_train_epochs", "1"))
     results = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
     assert results["test_num_images"] == 16  # every test image scored exactly once across the two processes
     assert results["completed_steps"] == 6  # 96 images / (8 per device x 2 processes)
