@@ -259,7 +259,7 @@ def test_trainer_and_train_py_log_the_same_losses(tmp_path):
     run = types.SimpleNamespace(
         accelerator=accelerator, model=prepared_model, training_forward=prepared_model, optimizer=optimizer,
         scheduler=scheduler, progress=train.TrainingProgress(), args=types.SimpleNamespace(max_grad_norm=1.0),
-        nonfinite_streak=0,
+        nonfinite_streak=0, objective=None,
     )  # fmt: skip
     prepared_model.train()
     micro_batch_losses = [train.train_on_batch(run, batch) for batch in loader]
