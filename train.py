@@ -1277,7 +1277,8 @@ def run_phases(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     latest`, a phase that ran to its end is not trained again, and the phase that was running resumes."""
     output_dir = Path(args.output_dir)
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
-    phase_logger.disabled = int(os.environ.get("RANK", "0")) != 0
+    is_main_process = int(os.environ.get("RANK", "0")) == 0  # no Accelerator exists between the phases
+    phase_logger.disabled = not is_main_process
     check_output_dir(args, output_dir, None)  # the folder's own final model is not replaced without being asked
     check_every_phase(args, argv)
     summaries, results = [], {}
@@ -1301,7 +1302,7 @@ def run_phases(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if results.get("stopped_early"):
             return phases.combined_results(results, summaries)
     combined = phases.combined_results(results, summaries)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process:
         publish_last_phase(folder, output_dir, combined)
         if args.push_to_hub:
             commit = publishing.push_model_dir(output_dir, args.hub_model_id)
