@@ -14,6 +14,11 @@ pairwise: one caption against one other caption of its image (scenes: every orde
 the first two captions of each image with two or more, both ways round), averaged. This one-reference figure is the
 like-for-like comparison of the two sets; it is lower than the four-reference one, since BLEU and CIDEr-D reward
 matching any of the references.
+
+A last row scores, against all five references, a caption written from each scene's ground truth in the plainest
+words and one fixed phrasing ("there are two small black diamonds above a large purple circle ."): what a perfect
+recogniser that always words its captions this way would score, the ceiling a model is read against besides the
+annotators' agreement.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from itertools import permutations
 from pathlib import Path
 from statistics import mean
 
-from imgcap_hf.data.scenes import ANNOTATORS, generate_scenes
+from imgcap_hf.data.scenes import (
+    ANNOTATORS,
+    COLOUR_WORDS,
+    COUNT_WORDS,
+    KIND_WORDS,
+    REGION_WORDS,
+    RELATION_WORDS,
+    SIZE_WORDS,
+    generate_scenes,
+)
 from imgcap_hf.scoring import compute_caption_metrics
 
 FLICKR_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr30k_captions_sample.csv"
@@ -78,6 +92,24 @@ def pairwise_agreement(pairs_by_order: list[tuple[list[str], list[str]]], tokeni
     )
 
 
+def ground_truth_caption(scene) -> str:
+    """The scene in the plain word of each table, every group with its count, size and colour, then its place or the
+    two groups' relation: "there are two small black diamonds above a large purple circle ."."""
+    phrases = []
+    for group in scene.groups:
+        count = len(group.objects)
+        singular, plural = KIND_WORDS[group.kind][0]
+        count_word = COUNT_WORDS[count][0]
+        size_word, colour_word = SIZE_WORDS[group.size][0], COLOUR_WORDS[group.colour][0]
+        phrases.append(f"{count_word} {size_word} {colour_word} {singular if count == 1 else plural}")
+    if len(phrases) == 1:
+        body = f"{phrases[0]} {REGION_WORDS[scene.region][0]}"
+    else:
+        body = f"{phrases[0]} {RELATION_WORDS[scene.relation][0]} {phrases[1]}"
+    verb = "is" if len(scene.groups[0].objects) == 1 else "are"
+    return f"there {verb} {body} ."
+
+
 def read_flickr_captions(path: Path) -> list[list[str]]:
     """The captions of each image of the Kaggle-layout CSV (`image_name`, `comment_number`, `comment`), in
     comment-number order, for the images with two or more."""
@@ -116,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ]
     report["scenes"]["pairwise"] = pairwise_agreement(ordered_pairs, args.tokenizer)
     print(format_row("scenes, 1 reference (pairwise)", report["scenes"]["pairwise"]))
+
+    written = [ground_truth_caption(scene) for scene in scenes]
+    report["scenes"]["ground_truth_caption"] = score(written, scene_captions, args.tokenizer)
+    print(format_row("scenes, the ground truth written plainly, 5 refs", report["scenes"]["ground_truth_caption"]))
 
     if args.flickr_csv.is_file():
         flickr = read_flickr_captions(args.flickr_csv)

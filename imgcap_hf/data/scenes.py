@@ -5,8 +5,10 @@ its references word for word and scores near a ceiling that real data never allo
 like Flickr30k instead: more object kinds, colours, sizes and places, textured backgrounds, repeated objects to
 count ("three small stars"), relations between two groups ("a red circle above two blue squares"), and captions
 from five annotators who differ as crowd workers do: what each mentions (sizes, the background, the relation), in
-which order, which synonym each picks for this image ("box" or "square"), terse or detailed. No caption is "the"
-answer, so the annotators' agreement with each other (benchmarks/human_agreement.py) is the yardstick a model's
+which order, which synonym each picks for this image ("box" or "square"), whether they name the kind at all ("two
+black shapes"), terse or detailed, and the asides each adds ("very simple art"). Their agreement was set to that of
+real captions: scored pairwise (one caption against one other of its image) they agree as much as Flickr30k's
+annotators (README, "The scenes set"). No caption is "the" answer, so the annotators' agreement with each other (benchmarks/human_agreement.py) is the yardstick a model's
 scores are read against, as COCO reports human agreement.
 
 Every object's pixel box is kept with the scene (`SceneObject.box`, `Scene.object_records`), for grounding figures
@@ -100,6 +102,8 @@ COLOUR_WORDS = {
     "black": ("black",),
 }
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+# What an annotator says instead of the kind when they do not name it ("two black shapes").
+GENERIC_KIND_WORDS = (("shape", "shapes"), ("object", "objects"), ("figure", "figures"))
 COUNT_WORDS = {1: ("a", "one", "a single"), 2: ("two", "a pair of", "2"), 3: ("three", "3"), 4: ("four", "4")}
 VAGUE_COUNT_WORDS = ("some", "several", "a few")  # for two or more
 TOTAL_COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
@@ -136,7 +140,7 @@ _ARTICLE_BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
 
 @dataclass(frozen=True)
 class Annotator:
-    """How one simulated annotator writes: what they mention, in what order, and how plainly.
+    """How one simulated annotator writes: what they mention, in what order, how plainly, and what they add.
 
     Every field is a probability (or a choice) drawn anew for each image, so an annotator is consistent in habit but
     not in wording, like a crowd worker.
@@ -144,6 +148,7 @@ class Annotator:
     Args:
         name: what the benchmark and the tests call this annotator.
         plain_word: chance of the plain word (`"square"`) over a synonym (`"box"`), per word.
+        generic: chance of a generic noun ("shapes", "objects") instead of the kind, per group.
         colour: chance of naming a group's colour.
         one_group: with two groups, chance of mentioning only the first-named one (annotators skip things).
         size: chance of saying the objects' size.
@@ -156,10 +161,13 @@ class Annotator:
         openings: ways to start a caption, "" for none; one is picked per image.
         verb: chance of a verb ("is", "sits") between a group and its relation.
         with_clause: chance of "A with B below it" instead of "B below A".
+        remark: chance of ending with one of `remarks`, an aside of this annotator's own ("evenly spaced").
+        remarks: the asides this annotator makes; others rarely share them, as with real annotators' impressions.
     """
 
     name: str
     plain_word: float
+    generic: float
     colour: float
     one_group: float
     size: float
@@ -172,6 +180,8 @@ class Annotator:
     openings: tuple[str, ...]
     verb: float
     with_clause: float
+    remark: float
+    remarks: tuple[str, ...]
 
 
 ANNOTATORS = (
@@ -179,22 +189,26 @@ ANNOTATORS = (
         "terse",
         one_group=0.35,
         plain_word=0.4,
-        colour=0.8,
+        generic=0.05,
+        colour=0.75,
         size=0.1,
         background=0.05,
         texture=0.5,
         where=0.4,
-        vague_count=0.15,
+        vague_count=0.2,
         total_first=0.0,
         order="larger",
         openings=("",),
         verb=0.0,
         with_clause=0.0,
+        remark=0.0,
+        remarks=(),
     ),
     Annotator(
         "thorough",
         one_group=0.0,
         plain_word=0.5,
+        generic=0.0,
         colour=1.0,
         size=0.9,
         background=0.8,
@@ -203,14 +217,22 @@ ANNOTATORS = (
         vague_count=0.0,
         total_first=0.1,
         order="reading",
-        openings=("", "a picture of", "there is"),
+        openings=("", "a picture of", "there is", "an illustration of"),
         verb=0.5,
         with_clause=0.2,
+        remark=0.25,
+        remarks=(
+            "all drawn with sharp edges",
+            "each one neatly spaced from the others",
+            "drawn in flat colours",
+            "with a thin gap between them",
+        ),
     ),
     Annotator(
         "spatial",
         one_group=0.0,
         plain_word=0.4,
+        generic=0.0,
         colour=0.9,
         size=0.4,
         background=0.2,
@@ -219,15 +241,22 @@ ANNOTATORS = (
         vague_count=0.05,
         total_first=0.0,
         order="random",
-        openings=("", "there is", "we see"),
+        openings=("", "there is", "we see", "in this picture there is"),
         verb=0.6,
         with_clause=0.3,
+        remark=0.2,
+        remarks=(
+            "leaving the rest of the picture empty",
+            "with plenty of space around them",
+            "not touching each other",
+        ),
     ),
     Annotator(
         "counter",
         one_group=0.1,
         plain_word=0.4,
-        colour=0.9,
+        generic=0.1,
+        colour=0.85,
         size=0.5,
         background=0.3,
         texture=0.7,
@@ -235,15 +264,18 @@ ANNOTATORS = (
         vague_count=0.0,
         total_first=0.6,
         order="larger",
-        openings=("", "an image of", "a picture showing"),
+        openings=("", "an image of", "a picture showing", "a graphic with"),
         verb=0.3,
         with_clause=0.1,
+        remark=0.2,
+        remarks=("nothing else is in the image", "that is all there is", "i count them easily"),
     ),
     Annotator(
         "casual",
         one_group=0.25,
         plain_word=0.2,
-        colour=0.85,
+        generic=0.15,
+        colour=0.8,
         size=0.6,
         background=0.5,
         texture=0.8,
@@ -251,9 +283,11 @@ ANNOTATORS = (
         vague_count=0.3,
         total_first=0.0,
         order="random",
-        openings=("", "a drawing of", "this image shows", "here we see"),
+        openings=("", "a drawing of", "this image shows", "here we see", "some art with"),
         verb=0.3,
         with_clause=0.3,
+        remark=0.35,
+        remarks=("looks like a kids puzzle", "very simple art", "kind of cute", "pretty colourful", "like a logo"),
     ),
 )
 
@@ -555,8 +589,8 @@ def _annotate(
     if total > 1 and _chance(rng, annotator.total_first):
         noun = ("shapes", "objects")[int(rng.integers(2))]
         opening = f"{TOTAL_COUNT_WORDS[total]} {noun} :"
-    elif opening == "there is":
-        opening = f"there {_be(ordered[0])}"
+    elif opening.endswith("there is"):  # "there is" or "in this picture there is", agreeing with the first group
+        opening = f"{opening.removesuffix('is')}{_be(ordered[0])}"
     elif opening == "we see" or opening == "here we see":
         opening = opening.replace("see", ("see", "can see")[int(rng.integers(2))])
 
@@ -586,6 +620,8 @@ def _annotate(
 
     if _chance(rng, annotator.background):
         caption = f"{caption} {_background_phrase(rng, annotator, tone, texture)}"
+    if _chance(rng, annotator.remark):
+        caption = f"{caption} , {annotator.remarks[int(rng.integers(len(annotator.remarks)))]}"
     return _ARTICLE_BEFORE_VOWEL.sub("an ", caption) + " ."
 
 
@@ -604,7 +640,10 @@ def _noun_phrase(rng: np.random.Generator, annotator: Annotator, group: ObjectGr
         words.append(_pick(rng, SIZE_WORDS[group.size], annotator.plain_word))
     if _chance(rng, annotator.colour):
         words.append(_pick(rng, COLOUR_WORDS[group.colour], annotator.plain_word))
-    singular, plural = _pick(rng, KIND_WORDS[group.kind], annotator.plain_word)
+    if _chance(rng, annotator.generic):
+        singular, plural = GENERIC_KIND_WORDS[int(rng.integers(len(GENERIC_KIND_WORDS)))]
+    else:
+        singular, plural = _pick(rng, KIND_WORDS[group.kind], annotator.plain_word)
     words.append(singular if count == 1 else plural)
     return " ".join(words)
 
