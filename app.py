@@ -393,15 +393,29 @@ def upload_only(image: gr.Image) -> gr.Image:
     return image
 
 
-def _glibc_malloc_trim():
-    """glibc's `malloc_trim(pad)`, or None where the C library is another one (macOS, Windows, musl)."""
+def _glibc_function(name: str):
+    """A function of glibc (`malloc_trim`, `mallopt`), or None where the C library is another one (macOS, Windows,
+    musl)."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
         return None
 
 
-_MALLOC_TRIM = _glibc_malloc_trim()
+_MALLOC_TRIM = _glibc_function("malloc_trim")
+_MALLOPT = _glibc_function("mallopt")
+M_ARENA_MAX = -8  # glibc's mallopt parameter number for the most arenas it creates
+MALLOC_ARENAS = 2  # one per core of the 2-core Space the demo targets, against glibc's default of 8 per core
+
+
+def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
+    """Cap the arenas glibc's allocator creates for new threads at `count`; True where that took effect.
+
+    Each arena keeps the peak of the requests that ran on its threads, so with glibc's default (8 per core) the
+    server's resident memory climbs for minutes as requests reach more of Gradio's worker threads (README, "A soak of
+    the app"). Called before the server starts its threads; the same as `MALLOC_ARENA_MAX=2` in the environment.
+    """
+    return _MALLOPT is not None and _MALLOPT(M_ARENA_MAX, count) == 1
 
 
 def _release_free_memory() -> None:
@@ -916,6 +930,7 @@ def resolve_model_paths(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    limit_malloc_arenas()  # before the model's and the server's threads exist
     model_paths = resolve_model_paths(args)
     try:
         demo = build_demo(model_paths, precision=args.precision)

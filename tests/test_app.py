@@ -10,6 +10,8 @@ import platform
 import re
 import socket
 import struct
+import subprocess
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -279,6 +281,52 @@ def test_every_request_ends_by_handing_the_allocators_free_memory_back(
     assert trims == [0, 0]
     assert service.caption_batch([str(mode_images["RGB"]), None])[1][1]  # one caption, one error
     assert trims == [0, 0, 0]
+
+
+ARENA_COUNT_SCRIPT = """
+import ctypes, os, sys, tempfile, threading
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "capped":
+    import app
+    assert app.limit_malloc_arenas(2)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.fopen.restype = ctypes.c_void_p, ctypes.c_void_p
+libc.free.argtypes = libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+started, release = threading.Barrier(9), threading.Event()
+def allocate():
+    block = libc.malloc(1 << 16)  # a thread's first malloc takes (or creates) its arena
+    started.wait()
+    release.wait()
+    libc.free(block)
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for thread in threads:
+    thread.start()
+started.wait()
+path = os.path.join(tempfile.mkdtemp(), "malloc_info.xml")
+handle = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, handle)
+libc.fclose(handle)
+release.set()
+for thread in threads:
+    thread.join()
+print(open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_the_app_caps_the_allocators_arenas_so_worker_threads_share_them(tmp_path):
+    """Eight threads allocating at once get arenas of their own by default, at most two after `limit_malloc_arenas`
+    (what `main` calls first), in a fresh interpreter each."""
+    script = tmp_path / "arenas.py"
+    script.write_text(ARENA_COUNT_SCRIPT)
+    repo_root = str(Path(app.__file__).parent)
+    counts = {
+        mode: int(subprocess.run([sys.executable, str(script), repo_root, mode], capture_output=True, text=True,
+                                 check=True).stdout)
+        for mode in ("default", "capped")
+    }  # fmt: skip
+    assert counts["default"] > 2 and counts["capped"] <= 2, counts
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/status").is_file(), reason="glibc")
