@@ -8,8 +8,8 @@ from five annotators who differ as crowd workers do: what each mentions (sizes, 
 which order, which synonym each picks for this image ("box" or "square"), whether they name the kind at all ("two
 black shapes"), terse or detailed, and the asides each adds ("very simple art"). Their agreement was set to that of
 real captions: scored pairwise (one caption against one other of its image) they agree as much as Flickr30k's
-annotators (README, "The scenes set"). No caption is "the" answer, so the annotators' agreement with each other (benchmarks/human_agreement.py) is the yardstick a model's
-scores are read against, as COCO reports human agreement.
+annotators (README, "The scenes set"). No caption is "the" answer, so the annotators' agreement with each other
+(benchmarks/human_agreement.py) is the yardstick a model's scores are read against, as COCO reports human agreement.
 
 Every object's pixel box is kept with the scene (`SceneObject.box`, `Scene.object_records`), for grounding figures
 and for tests that check the captions against the pixels.
