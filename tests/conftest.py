@@ -15,6 +15,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process, inherited by the subprocesses the tests start (servers, CLI runs, DDP workers): the
+# models here are tiny, so a second thread only adds synchronisation, and on a busy machine its threads wait for
+# each other at every operation.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The tests' own HF_HOME, so that the feature cache (HF_HOME/imgcap_hf/feature_cache) of train.py runs in subprocesses
 # never lands in, or reads from, the tester's.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="imgcap-tests-hf-home-")
