@@ -15,6 +15,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process, inherited by the subprocesses the tests start (servers, CLI runs, DDP workers): the
+# models here are tiny, so a second thread only adds synchronisation, and on a busy machine its threads wait for
+# each other at every operation.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The tests' own HF_HOME, so that the feature cache (HF_HOME/imgcap_hf/feature_cache) of train.py runs in subprocesses
 # never lands in, or reads from, the tester's.
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="imgcap-tests-hf-home-")
@@ -78,15 +82,34 @@ def tiny_args(output_dir: Path, decoder_type: str = "attention", *extra: str) ->
     ]  # fmt: skip
 
 
-def train_in_two_processes(train_args: list[str]) -> None:
+@pytest.fixture
+def scores_without_java(monkeypatch):
+    """In-process runs score as on a machine without Java: the Python caption tokenizer, no METEOR. For tests that
+    check no METEOR or Java-tokenized score: every evaluation with Java starts a METEOR JVM that loads a paraphrase
+    table, which costs more than a tiny training run. The Java path is tested in test_scoring.py."""
+    from imgcap_hf.scoring import coco_metrics
+
+    monkeypatch.setattr(coco_metrics, "java_available", lambda: False)
+
+
+def without_java(environment: dict[str, str]) -> dict[str, str]:
+    """`environment` for a subprocess that scores as on a machine without Java (see `scores_without_java`): an empty
+    PATH, so the subprocess must be started by absolute path (`sys.executable`)."""
+    return {**environment, "PATH": ""}
+
+
+def train_in_two_processes(train_args: list[str], *, java: bool = True) -> None:
     """`accelerate launch --multi_gpu --num_processes 2 train.py ARGS`: torchrun starts two processes, and train.py
-    picks DDP over gloo on a machine without GPUs (accelerate's `--cpu` launcher would start a single process)."""
+    picks DDP over gloo on a machine without GPUs (accelerate's `--cpu` launcher would start a single process).
+    `java=False` scores as on a machine without Java (`without_java`)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
         *train_args,
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not java:
+        environment = without_java(environment)
     result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -28,7 +28,8 @@ README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 # A fenced block, also inside a list item (indented): its language, its body, where it ends.
 FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w-]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 HUB_IDS_REPLACED = ("microsoft/resnet-50",)
-# Appended to the README's `evaluate` command only to keep the test fast and independent of Java.
+# Appended to the README's `evaluate` command only to keep the test fast and independent of Java (the test also
+# hides Java from METEOR: `scores_without_java`).
 EVALUATE_SHRINK = ["--max_samples", "8", "--caption_tokenizer", "python"]
 
 
@@ -112,7 +113,7 @@ def test_every_python_snippet_runs_and_prints_what_the_readme_shows(in_demo_fold
         assert printed.getvalue().strip() == expected.strip()
 
 
-def test_every_cli_command_runs_as_printed(in_demo_folder, capsys):
+def test_every_cli_command_runs_as_printed(in_demo_folder, capsys, scores_without_java):
     from imgcap_hf import cli
 
     commands = [command for command in shell_commands() if command.startswith("python -m imgcap_hf ")]

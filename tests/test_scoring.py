@@ -272,12 +272,13 @@ def test_train_py_refuses_ptb_java_without_java_before_training(tmp_path, monkey
 
 
 @pytest.mark.parametrize("java_on_path", [True, False])
-def test_cli_evaluate_with_either_tokenizer_says_which(java_on_path, saved_tiny_captioner):
+def test_cli_evaluate_with_either_tokenizer_says_which(java_on_path, saved_tiny_attention_captioner):
+    """The caption tokenizer does not depend on the decoder: one model (both decoders evaluate in test_train.py)."""
     if java_on_path and shutil.which("java") is None:
         pytest.skip("needs `java` on the PATH")
     env = {**os.environ, "PATH": os.environ["PATH"] if java_on_path else ""}
-    command = [sys.executable, "-m", "imgcap_hf", "evaluate", "--model", str(saved_tiny_captioner), "--dataset",
-               "shapes", "--max_samples", "4", "--max_new_tokens", "4"]  # fmt: skip
+    command = [sys.executable, "-m", "imgcap_hf", "evaluate", "--model", str(saved_tiny_attention_captioner),
+               "--dataset", "shapes", "--max_samples", "4", "--max_new_tokens", "4"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["tokenizer"] == (

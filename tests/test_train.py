@@ -13,7 +13,7 @@ from typing import Literal
 
 import pytest
 import torch
-from conftest import TINY_TRAIN_VISION, tiny_args, train_in_two_processes
+from conftest import TINY_TRAIN_VISION, tiny_args, train_in_two_processes, without_java
 from safetensors.torch import load_file
 
 import push_to_hub
@@ -33,7 +33,9 @@ def files_under(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder_type", ["attention", "pooled"])
-def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_path, tmp_path_factory, monkeypatch):
+def test_training_lowers_the_loss_and_leaves_a_loadable_model(
+    decoder_type, tmp_path, tmp_path_factory, monkeypatch, scores_without_java
+):
     from huggingface_hub import CommitInfo, HfApi
 
     uploads = []  # the network edge: record what would be sent to the Hub instead of sending it
@@ -85,7 +87,7 @@ def test_training_lowers_the_loss_and_leaves_a_loadable_model(decoder_type, tmp_
 
 
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, scores_without_java):
     """A run resumed from its step-4 checkpoint ends bit-identical to the run that never stopped (on CPU)."""
     common = ["--max_train_steps", "10", "--checkpointing_steps", "2", "--checkpoints_total_limit", "10",
               "--teacher_forcing_ratio", "0.8", "--dropout", "0.3"]  # fmt: skip
@@ -266,7 +268,7 @@ def test_model_flags_are_the_config_fields_and_the_config_validates_them(capsys)
 
 @pytest.mark.slow
 def test_two_process_ddp_run_with_accelerate_launch(tmp_path):
-    train_in_two_processes(tiny_args(tmp_path / "ddp", "pooled", "--num_train_epochs", "1"))
+    train_in_two_processes(tiny_args(tmp_path / "ddp", "pooled", "--num_train_epochs", "1"), java=False)
     results = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
     assert results["test_num_images"] == 16  # every test image scored exactly once across the two processes
     assert results["completed_steps"] == 6  # 96 images / (8 per device x 2 processes)
@@ -291,7 +293,7 @@ def test_cli_caption_and_evaluate(saved_tiny_captioner, tmp_path):
     evaluation = subprocess.run(
         [sys.executable, "-m", "imgcap_hf", "evaluate", "--model", str(saved_tiny_captioner), "--dataset", "shapes",
          "--max_samples", "12", "--max_new_tokens", "5"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=without_java(os.environ),
     )  # fmt: skip
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     metrics = json.loads(evaluation.stdout.strip().splitlines()[-1])
@@ -392,7 +394,7 @@ def test_a_failed_run_leaves_an_earlier_runs_folder_as_it_was(tmp_path, monkeypa
     assert files_under(folder) == before
 
 
-def test_a_new_run_into_an_earlier_runs_folder_is_refused_unless_it_overwrites(tmp_path):
+def test_a_new_run_into_an_earlier_runs_folder_is_refused_unless_it_overwrites(tmp_path, scores_without_java):
     """A 4-step run, then a 2-step run into the same folder: refused with one sentence; with --overwrite_output_dir
     the earlier run's checkpoints and records are gone, and `latest` never takes a checkpoint of the earlier run,
     even one put back beside the new run's."""
@@ -487,7 +489,7 @@ def test_saved_files_get_the_umasks_permissions(tmp_path):
     assert (tmp_path / "private" / "model.safetensors").stat().st_mode & 0o777 == 0o600
 
 
-def test_output_that_is_not_a_terminal_gets_log_lines_not_progress_bars(tmp_path, capfd, caplog):
+def test_output_that_is_not_a_terminal_gets_log_lines_not_progress_bars(tmp_path, capfd, caplog, scores_without_java):
     """With stdout and stderr captured (not a TTY), no carriage-return progress bar: a log line per --logging_steps
     steps and at the last step."""
     caplog.set_level(logging.INFO, logger="train")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import tiny_args
+from conftest import tiny_args, without_java
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
@@ -34,8 +34,9 @@ RANDOM_STEPS = ["--teacher_forcing_ratio", "0.8", "--dropout", "0.3"]
 
 
 def train_script(*args: str, preexec_fn=None) -> subprocess.Popen:
-    """`python train.py ARGS` as a separate process (stdout and stderr captured together)."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """`python train.py ARGS` as a separate process (stdout and stderr captured together), scoring as on a machine
+    without Java (no test here checks a Java-tokenized score or METEOR)."""
+    environment = without_java({**os.environ, "OMP_NUM_THREADS": "1"})
     return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT, env=environment,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn,
@@ -265,7 +266,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     common = ["--max_train_steps", "10", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
               "--logging_steps", "1", *RANDOM_STEPS]  # fmt: skip
     killed, paused = tmp_path / "killed", tmp_path / "paused"
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment = without_java({**os.environ, "OMP_NUM_THREADS": "1"})  # as train_script's
     pausing_script = [sys.executable, "-c", PAUSE_IN_A_CHECKPOINT_WRITE, "4", str(paused)]
     run = subprocess.Popen(
         [*pausing_script, *tiny_args(killed, "attention", *common)], cwd=REPO_ROOT, env=environment,
@@ -355,7 +356,7 @@ def _limit_file_size_to_100_kb():
 
 
 @pytest.mark.slow
-def test_a_failed_checkpoint_write_stops_training_and_keeps_the_previous_checkpoint(tmp_path):
+def test_a_failed_checkpoint_write_stops_training_and_keeps_the_previous_checkpoint(tmp_path, scores_without_java):
     """The model file of a checkpoint (150 kB) cannot be written under a 100 kB file-size limit: the run stops with one
     clear sentence and a non-zero exit, no half-written folder remains, the previous checkpoint still verifies."""
     output = tmp_path / "run"
@@ -426,7 +427,7 @@ def test_diverging_losses_stop_training_and_the_last_good_checkpoint_stays_loada
 
 
 @pytest.mark.slow
-def test_the_same_seed_gives_the_same_loss_curve_with_dataloader_workers(tmp_path):
+def test_the_same_seed_gives_the_same_loss_curve_with_dataloader_workers(tmp_path, scores_without_java):
     """Two runs with seed 42 and two DataLoader worker processes log identical losses at every step and end with
     identical weights; seed 43 gives different ones."""
     common = ["--max_train_steps", "4", "--dataloader_num_workers", "2", "--checkpointing_steps", "no", *RANDOM_STEPS,
