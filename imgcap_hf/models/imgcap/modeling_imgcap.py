@@ -751,10 +751,11 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ImgCapDecoderState]:
         """`decoder.step` through `compiled_step`.
 
-        A graph guards on its inputs' sizes and strides. The batch dimension is marked dynamic; the word ids are
-        copied into a tensor of their own (a column of the `(batch, steps)` captions has a stride of `steps`, which
-        would make each caption length a graph again), and the image terms are made contiguous once (the encoder's
-        regions are a transposed view), then carried in the state.
+        A graph guards on its inputs' sizes and strides. The batch dimension is marked dynamic. The word ids are
+        copied into a tensor of their own: a column of the `(batch, steps)` captions has a stride of `steps`, which
+        the compiler specialises for a batch of one row (sizes 0 and 1 are never dynamic), where each caption length
+        would be a graph again. The image terms are made contiguous once (the encoder's regions are a transposed
+        view), then carried in the state.
         """
         token_ids = token_ids.clone(memory_format=torch.contiguous_format)  # (batch,)
         inputs = [(token_ids, 0), (state.hidden, 1), (state.cell, 1)]  # each with its batch dimension
