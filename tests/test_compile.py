@@ -80,6 +80,7 @@ TRAINING_GRAPHS = {"attention": 3, "pooled": 2}
 GENERATION_GRAPHS = {"attention": 1, "pooled": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_type", ["attention", "pooled"])
 def test_the_graphs_do_not_grow_with_caption_lengths_or_batch_sizes(decoder_type):
     # Scheduled sampling (teacher forcing 0.7, as the Flickr30k recipes use 0.9) runs both decoders word by word.
