@@ -361,6 +361,11 @@ def check_flag_values(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--checkpointing_steps must be a positive integer, 'epoch' or 'no', got {checkpointing_steps!r}")
     if args.objective == "scst" and args.scst_baseline == "mean_of_others" and args.scst_num_samples < 2:
         parser.error(f"--scst_baseline mean_of_others needs --scst_num_samples >= 2, got {args.scst_num_samples}")
+    if args.torch_compile and args.torch_compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(
+            f"--torch_compile_backend {args.torch_compile_backend!r} is not a torch.compile backend "
+            "(torch.compiler.list_backends() names them)"
+        )
     check_path_flags(parser, args)
     if args.feature_cache == "on" and trains_encoder(args):
         parser.error(

@@ -130,3 +130,10 @@ def test_train_py_logs_and_records_the_graphs_it_compiled(tmp_path, caplog):
     assert results["torch_compile"]["graphs"] == 5
     assert json.loads((tmp_path / "all_results.json").read_text())["torch_compile"] == results["torch_compile"]
     assert f"torch.compile: compiled 5 graphs in {results['torch_compile']['compile_seconds']:.1f} s" in caplog.text
+
+
+def test_an_unknown_compile_backend_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_args(tiny_args(tmp_path, "attention", "--torch_compile", "--torch_compile_backend", "inductr"))
+    assert stopped.value.code == 2
+    assert "--torch_compile_backend 'inductr' is not a torch.compile backend" in capsys.readouterr().err
