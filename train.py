@@ -54,6 +54,7 @@ from imgcap_hf import (
     scst,
 )
 from imgcap_hf.batching import ImageCaptionCollator, image_inputs, tokenize_captions
+from imgcap_hf.compilation import CompileCounter
 from imgcap_hf.data import NAMED_DATASETS, load_caption_dataset
 from imgcap_hf.data.imagefolder import METADATA_FILE, is_imagefolder
 from imgcap_hf.data.kaggle_flickr30k import KAGGLE_CAPTIONS_FILE, is_kaggle_flickr30k
@@ -180,7 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train on the CPU even where a GPU exists. Automatic for a multi-process launch on a machine without "
         "GPUs (DDP over gloo).",
     )
-    training.add_argument("--torch_compile", action=argparse.BooleanOptionalAction, default=False)
+    training.add_argument(
+        "--torch_compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile one decoder step (reused for every word of every caption, and by the validation's "
+        "generate) and the vision backbone, not the whole model, whose loop over the words would be a new graph for "
+        "every caption length: a run compiles a bounded number of graphs, logged with their compile time and kept "
+        "in all_results.json (ImgCapForConditionalGeneration.compile_steps).",
+    )
+    training.add_argument(
+        "--torch_compile_backend",
+        default="inductor",
+        help="torch.compile's backend for --torch_compile (torch.compiler.list_backends() names them).",
+    )
     training.add_argument("--seed", type=int, default=42)
     training.add_argument("--checkpointing_steps", default="epoch", help="An integer, 'epoch', or 'no'.")
     training.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep the newest N (0: all).")
@@ -347,6 +361,11 @@ def check_flag_values(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--checkpointing_steps must be a positive integer, 'epoch' or 'no', got {checkpointing_steps!r}")
     if args.objective == "scst" and args.scst_baseline == "mean_of_others" and args.scst_num_samples < 2:
         parser.error(f"--scst_baseline mean_of_others needs --scst_num_samples >= 2, got {args.scst_num_samples}")
+    if args.torch_compile and args.torch_compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(
+            f"--torch_compile_backend {args.torch_compile_backend!r} is not a torch.compile backend "
+            "(torch.compiler.list_backends() names them)"
+        )
     check_path_flags(parser, args)
     if args.feature_cache == "on" and trains_encoder(args):
         parser.error(
@@ -868,7 +887,7 @@ class TrainingRun:
     output_dir: Path
     accelerator: Accelerator
     model: torch.nn.Module  # as prepared by accelerate (wrapped for DDP on several processes)
-    training_forward: Any  # the model (compiled with --torch_compile), its loss smoothed by --label_smoothing
+    training_forward: Any  # the model, its loss smoothed by --label_smoothing
     optimizer: torch.optim.Optimizer
     scheduler: Any
     train_dataloader: DataLoader
@@ -1150,10 +1169,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, train_dataloader, scheduler = accelerator.prepare(model, optimizer, train_dataloader, scheduler)
+    compile_counter = None
+    if args.torch_compile:  # the parts with fixed shapes, not the whole model (see `compile_steps`)
+        accelerator.unwrap_model(model).compile_steps(backend=args.torch_compile_backend)
+        compile_counter = CompileCounter()
     # The cross-entropy loss that the model computes from the labels, smoothed by --label_smoothing.
-    training_forward = partial(
-        torch.compile(model) if args.torch_compile else model, label_smoothing=args.label_smoothing
-    )
+    training_forward = partial(model, label_smoothing=args.label_smoothing)
 
     # ---- Resume: the model, optimizer, schedule, RNG and progress of the checkpoint -------------------------------
     if args.with_tracking:
@@ -1200,6 +1221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=args.per_device_eval_batch_size, generation_kwargs=generation_kwargs,
         features=features.get("test"), caption_tokenizer=args.caption_tokenizer,
     )  # fmt: skip
+    if compile_counter is not None:
+        logger.info(f"torch.compile: compiled {compile_counter.graphs} graphs in {compile_counter.seconds:.1f} s")
     results = {
         **{f"test_{k}": v for k, v in test_metrics.items()},
         "best_validation_cider": progress.best_cider if progress.best_step is not None else None,
@@ -1211,6 +1234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "frozen_parameters": frozen,
         "generation": generation_kwargs,
+        "torch_compile": compile_counter.summary() if compile_counter is not None else None,
         "history": progress.history,
     }
 

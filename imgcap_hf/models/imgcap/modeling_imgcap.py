@@ -248,6 +248,7 @@ class ImgCapVisionEncoder(nn.Module):
     """
 
     main_input_name = "pixel_values"
+    backbone_compiled = False  # set by `ImgCapForConditionalGeneration.compile_steps`
     # Set by `gradient_checkpointing_enable()` (with `_gradient_checkpointing_func`), through the model's
     # `_set_gradient_checkpointing`.
     gradient_checkpointing = False
@@ -269,6 +270,8 @@ class ImgCapVisionEncoder(nn.Module):
         # Channels-last images let oneDNN (CPU) and cuDNN (GPU) run the convolutions in their fastest layout, with the
         # same features up to float rounding.
         pixel_values = pixel_values.to(dtype=self.backbone.dtype).contiguous(memory_format=torch.channels_last)
+        if self.backbone_compiled:
+            torch._dynamo.maybe_mark_dynamic(pixel_values, 0)  # one graph for every batch size (see `compile_steps`)
         # A frozen backbone needs no autograd graph: that saves its activations' memory during training.
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.trains_encoder):
             if self.gradient_checkpointing and isinstance(self.backbone, ResNetModel) and torch.is_grad_enabled():
@@ -375,8 +378,12 @@ class ImgCapAttentionDecoder(nn.Module):
         if image_indices is not None:
             regions = regions.index_select(0, image_indices)  # (rows, regions, feature_size)
             attention_keys = attention_keys.index_select(0, image_indices)  # (rows, regions, attention_size)
-        zeros = regions.new_zeros(self.config.num_hidden_layers, regions.shape[0], self.config.hidden_size)
-        return ImgCapDecoderState(zeros, zeros, regions, attention_keys)
+        # Two tensors, not one shared by both: a compiled step (`compile_steps`) guards on its inputs' aliasing.
+        hidden, cell = (
+            regions.new_zeros(self.config.num_hidden_layers, regions.shape[0], self.config.hidden_size)
+            for _ in range(2)
+        )
+        return ImgCapDecoderState(hidden, cell, regions, attention_keys)
 
     def step_products(self, gather_gradients: bool) -> _AttentionStepProducts:
         """The layers of `step`, prepared once per forward pass: with `gather_gradients` (training), each weight's
@@ -411,6 +418,22 @@ class ImgCapAttentionDecoder(nn.Module):
         logits = products.output(layer_input)  # (batch, vocab)
         new_state = ImgCapDecoderState(torch.stack(hiddens), torch.stack(cells), state.regions, state.attention_keys)
         return logits, attention_weights, hiddens[-1], new_state
+
+    def compilable_step(
+        self,
+        token_ids: torch.LongTensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+        regions: torch.Tensor,
+        attention_keys: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step` on tensors only, what `ImgCapForConditionalGeneration.compile_steps` compiles: its plain layers
+        (autograd computes the weights' gradients inside the graph; `_SharedStepWeight`'s records live in Python).
+        Returns logits, attention weights, the top hidden state and the new `(num_layers, batch, hidden_size)`
+        hidden and cell states."""
+        state = ImgCapDecoderState(hidden, cell, regions, attention_keys)
+        logits, attention_weights, top_hidden, new_state = self.step(token_ids, state)
+        return logits, attention_weights, top_hidden, new_state.hidden, new_state.cell
 
 
 class ImgCapPooledDecoder(nn.Module):
@@ -477,6 +500,35 @@ class ImgCapPooledDecoder(nn.Module):
         logits, top_hidden, state = self.run(token_ids.unsqueeze(1), state)
         return logits.squeeze(1), None, top_hidden.squeeze(1), state
 
+    def compilable_step(
+        self,
+        token_ids: torch.LongTensor,
+        hidden: torch.Tensor,
+        cell: torch.Tensor,
+        lstm_weights: list[list[torch.Tensor]],
+    ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`step` on tensors only, what `ImgCapForConditionalGeneration.compile_steps` compiles.
+
+        The compiler cannot trace `nn.LSTM` (touching the module breaks the graph), so this step gets the LSTM's
+        `all_weights` (per layer: `weight_ih`, `weight_hh`, `bias_ih`, `bias_hh`) as an input and computes each layer
+        with `_lstm_cell`, dropout between layers as `nn.LSTM` applies it: the same arithmetic, equal up to float
+        rounding. Returns logits, None (no attention), the top hidden state and the new `(num_layers, batch,
+        hidden_size)` hidden and cell states."""
+        layer_input = self.embedding(token_ids)  # (batch, embedding)
+        hiddens, cells = [], []
+        for layer, (weight_ih, weight_hh, bias_ih, bias_hh) in enumerate(lstm_weights):
+            if layer > 0:  # `nn.LSTM(dropout=config.dropout)` between layers
+                layer_input = F.dropout(layer_input, self.config.dropout, self.training)
+            layer_hidden, layer_cell = _lstm_cell(
+                layer_input, hidden[layer], cell[layer], partial(F.linear, weight=weight_ih),
+                partial(F.linear, weight=weight_hh), bias_ih + bias_hh,
+            )  # fmt: skip
+            hiddens.append(layer_hidden)  # (batch, hidden_size)
+            cells.append(layer_cell)
+            layer_input = layer_hidden
+        logits = self.output(self.dropout(layer_input))  # (batch, vocab)
+        return logits, None, layer_input, torch.stack(hiddens), torch.stack(cells)
+
 
 class ImgCapPreTrainedModel(PreTrainedModel):
     config: ImgCapConfig
@@ -530,6 +582,7 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
             self.decoder = ImgCapAttentionDecoder(config)
         else:
             self.decoder = ImgCapPooledDecoder(config)
+        self.compiled_step = None  # set by `compile_steps`
         self.post_init()
         self.freeze_encoder(config.freeze_encoder, config.trainable_encoder_stages)
 
@@ -666,6 +719,60 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         return model
 
     # ----------------------------------------------------------------------------------------------------------------
+    # torch.compile of the parts whose shapes do not depend on the caption
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def compile_steps(self, **compile_kwargs) -> None:
+        """`torch.compile` one decoder step and the vision backbone, the parts of the forward pass whose shapes do not
+        depend on the caption's length; `compile_kwargs` go to `torch.compile` (`backend`, `mode`, ...).
+
+        Compiling the whole forward pass would trace the loop over the caption's words into the graph: a new graph
+        for every caption length. Here one compiled step serves every word of every caption, in training and in
+        `generate()` (greedy, sampling and beam search alike), and the batch dimension of its inputs and of the images
+        is marked dynamic, so that a last partial batch or another number of beams reuses the same graph. The graphs
+        are then bounded by the modes and a few size classes, not by the data: a step in training (the attention
+        decoder's two: the first word, whose zero state needs no gradient, and the others), a step in evaluation,
+        the backbone with and without gradients; a batch of one row is a graph of its own (the compiler specialises
+        sizes 0 and 1), and on CPU the backbone's convolutions tell batches below 16 images from larger ones.
+
+        In training the compiled step gets its weights' gradients from autograd at every word instead of gathering
+        them once per pass (`_SharedStepWeight`). Dropout inside a compiled step draws its masks from the compiler's
+        random numbers: the same distribution as eager mode, not the same draws. The Show-and-Tell decoder's
+        whole-caption `nn.LSTM` call (teacher forcing 1) stays as it is.
+        """
+        # fullgraph: one step is one graph, or an error that says where it breaks.
+        self.compiled_step = torch.compile(self.decoder.compilable_step, **{"fullgraph": True, **compile_kwargs})
+        # In place: the backbone stays the same module, with the same state_dict keys.
+        self.encoder.backbone.compile(**compile_kwargs)
+        self.encoder.backbone_compiled = True
+
+    def _run_compiled_step(
+        self, token_ids: torch.LongTensor, state: ImgCapDecoderState
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, ImgCapDecoderState]:
+        """`decoder.step` through `compiled_step`.
+
+        A graph guards on its inputs' sizes and strides. The batch dimension is marked dynamic. The word ids are
+        copied into a tensor of their own: a column of the `(batch, steps)` captions has a stride of `steps`, which
+        the compiler specialises for a batch of one row (sizes 0 and 1 are never dynamic), where each caption length
+        would be a graph again. The image terms are made contiguous once (the encoder's regions are a transposed
+        view), then carried in the state.
+        """
+        token_ids = token_ids.clone(memory_format=torch.contiguous_format)  # (batch,)
+        inputs = [(token_ids, 0), (state.hidden, 1), (state.cell, 1)]  # each with its batch dimension
+        regions, attention_keys = state.regions, state.attention_keys
+        if self.config.decoder_type == "attention":
+            regions, attention_keys = regions.contiguous(), attention_keys.contiguous()  # no copy once contiguous
+            inputs += [(regions, 0), (attention_keys, 0)]
+        for tensor, batch_dim in inputs:
+            torch._dynamo.maybe_mark_dynamic(tensor, batch_dim)
+        arguments = [tensor for tensor, _ in inputs]
+        if self.config.decoder_type == "pooled":
+            arguments.append(self.decoder.lstm.all_weights)  # see `ImgCapPooledDecoder.compilable_step`
+        logits, attention_weights, top_hidden, hidden, cell = self.compiled_step(*arguments)
+        new_state = ImgCapDecoderState(hidden, cell, regions, attention_keys)
+        return logits, attention_weights, top_hidden, new_state
+
+    # ----------------------------------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------------------------------
 
@@ -796,16 +903,19 @@ class ImgCapForConditionalGeneration(ImgCapPreTrainedModel, GenerationMixin):
         batch_size, num_steps = decoder_input_ids.shape
         if teacher_forcing_ratio < 1.0:
             use_truth = torch.rand(batch_size, num_steps, device=decoder_input_ids.device) < teacher_forcing_ratio
-        # A compiled graph keeps autograd's own weight gradients (`_SharedStepWeight` keeps Python-side records).
-        gather_gradients = torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        products = self.decoder.step_products(gather_gradients)
+        if self.compiled_step is not None:
+            step = self._run_compiled_step
+        else:
+            # A compiled graph keeps autograd's own weight gradients (`_SharedStepWeight` keeps Python-side records).
+            gather_gradients = torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            step = partial(self.decoder.step, products=self.decoder.step_products(gather_gradients))
         step_logits, step_attention_weights, step_hiddens = [], [], []
         previous_prediction = None
         for t in range(num_steps):
             token_ids = decoder_input_ids[:, t]  # (batch,)
             if previous_prediction is not None and teacher_forcing_ratio < 1.0:
                 token_ids = torch.where(use_truth[:, t], token_ids, previous_prediction)
-            logits, attention_weights, top_hidden, new_state = self.decoder.step(token_ids, state, products)
+            logits, attention_weights, top_hidden, new_state = step(token_ids, state)
             state = new_state if real_positions is None else new_state.where(real_positions[:, t], state)
             previous_prediction = logits.detach().argmax(dim=-1)
             step_logits.append(logits)
