@@ -3,7 +3,7 @@ recipes of several phases. The end-to-end runs use the real CIDEr-D reward (imgc
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_captioner, tiny_args, train_in_two_processes
+from conftest import (
+    build_tiny_captioner,
+    kill_inside_a_checkpoint_write,
+    tiny_args,
+    train_in_two_processes,
+    train_script,
+)
 from safetensors.torch import load_file
 from transformers.modeling_outputs import BaseModelOutput
 
 import train
+from imgcap_hf import checkpointing
 from imgcap_hf.scoring import CaptionReward
 from imgcap_hf.scst import (
     SelfCriticalObjective,
@@ -156,28 +163,42 @@ def scst_args(output_dir: Path, init_from: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_an_interrupted_scst_run_resumes_bit_exactly(cross_entropy_model, tmp_path):
-    """Sampling draws from the RNG at every step: a run resumed from its step-2 checkpoint must end bit-identical to
-    the run that never stopped, with the same per-step rewards logged."""
-    common = ["--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "10",
+def test_a_killed_scst_run_resumes_bit_exactly(cross_entropy_model, tmp_path):
+    """SIGKILL an SCST run in the middle of writing checkpoint-2 (its last step's, staged: the weights of the run
+    that never stopped), resume with `latest`: it resumes from checkpoint-1, mid-epoch, and its step 2 must draw the
+    same samples from the restored RNG, log the same rewards and end with bit-identical weights."""
+    common = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "10",
               "--logging_steps", "1"]  # fmt: skip
-    straight = tmp_path / "straight"
-    train.main(scst_args(straight, cross_entropy_model, *common))
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    train.main(scst_args(resumed, cross_entropy_model, *common, "--resume_from_checkpoint", "latest"))
+    output_dir = tmp_path / "run"
+    checkpoints = output_dir / "checkpoints"
+    train_args = scst_args(output_dir, cross_entropy_model, *common)
+    kill_inside_a_checkpoint_write(train_args, 2, tmp_path / "paused")
+    assert checkpointing.latest_checkpoint(checkpoints) == checkpoints / "checkpoint-1"
+    assert not (output_dir / "all_results.json").exists()
+    uninterrupted = load_file(checkpoints / "checkpoint-2.tmp" / "model.safetensors")
+    first_checkpoint_written = (checkpoints / "checkpoint-1" / "model.safetensors").stat().st_mtime_ns
+    log_before_resume = (output_dir / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log_before_resume] == [1, 2]
 
-    straight_log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
-    resumed_log = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in resumed_log] == [3, 4]
-    assert resumed_log == straight_log[2:]
-    assert {"mean_reward", "mean_baseline", "mean_sample_length", "eos_fraction"} <= straight_log[0].keys()
-    expected = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    got = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+    resumed = train_script(*train_args, "--resume_from_checkpoint", "latest")
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+
+    # It resumed: from checkpoint-1 (left as it was), training step 2 only; the killed write was cleared away.
+    assert f"Resumed from {checkpoints / 'checkpoint-1'} at step 1" in output
+    assert re.findall(r"step (\d+)/2: loss", output) == ["2"]
+    assert (checkpoints / "checkpoint-1" / "model.safetensors").stat().st_mtime_ns == first_checkpoint_written
+    assert not (checkpoints / "checkpoint-2.tmp").exists()
+    # Step 1's log line is kept, step 2's is the one the killed run logged before its kill, to the last digit.
+    resumed_log = (output_dir / "train_log.jsonl").read_text().splitlines()
+    assert resumed_log == log_before_resume
+    assert {"mean_reward", "mean_baseline", "mean_sample_length", "eos_fraction"} <= json.loads(resumed_log[0]).keys()
+    for weights in (checkpoints / "checkpoint-2" / "model.safetensors", output_dir / "model.safetensors"):
+        got = load_file(weights)
+        assert uninterrupted.keys() == got.keys(), weights
+        assert all(torch.equal(uninterrupted[key], got[key]) for key in got), weights
     # The SCST model keeps the cross-entropy model's vocabulary (its tokenizer came with --init_from).
-    assert (resumed / "vocab.json").read_bytes() == (cross_entropy_model / "vocab.json").read_bytes()
+    assert (output_dir / "vocab.json").read_bytes() == (cross_entropy_model / "vocab.json").read_bytes()
 
 
 @pytest.mark.slow
