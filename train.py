@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="Label smoothing of the cross-entropy, in [0, 1): that share of each target word's probability is spread "
-        "evenly over the vocabulary (ignored positions stay ignored). 0: plain cross-entropy.",
+        "evenly over the vocabulary (ignored positions stay ignored). 0: plain cross-entropy (and the only value that "
+        "--objective scst takes).",
     )
     training.add_argument("--weight_decay", type=float, default=1e-4)
     training.add_argument("--num_train_epochs", type=int, default=10)
@@ -347,6 +348,11 @@ def check_flag_values(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--checkpointing_steps must be a positive integer, 'epoch' or 'no', got {checkpointing_steps!r}")
     if args.objective == "scst" and args.scst_baseline == "mean_of_others" and args.scst_num_samples < 2:
         parser.error(f"--scst_baseline mean_of_others needs --scst_num_samples >= 2, got {args.scst_num_samples}")
+    if args.objective == "scst" and smoothing:
+        parser.error(
+            f"--label_smoothing {smoothing} smooths the cross-entropy, which --objective scst does not train on: "
+            "leave it at 0 (a recipe of phases may set it for its cross-entropy phases)"
+        )
     check_path_flags(parser, args)
     if args.feature_cache == "on" and trains_encoder(args):
         parser.error(
@@ -1247,7 +1253,7 @@ def phase_recipe_and_argv(
     as `--init_from`. The Hub upload waits for the whole run."""
     shared = yaml.safe_load(Path(args.config).read_text())
     shared.pop("phases")
-    recipe = {**shared, **overrides, "push_to_hub": False}
+    recipe = {**phases.phase_recipe(shared, overrides), "push_to_hub": False}
     output_dir = Path(args.output_dir)
     user_flags = [flag for flag in argv if flag != "--push_to_hub"]
     phase_argv = [*user_flags, "--output_dir", str(phases.phase_dir(output_dir, index, name)), "--config",

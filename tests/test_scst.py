@@ -226,7 +226,8 @@ def write_phased_recipe(folder: Path) -> Path:
     shared = {flags[i].removeprefix("--"): yaml.safe_load(flags[i + 1]) for i in range(0, len(flags), 2)}
     shared.pop("output_dir")
     recipe = folder / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**shared, **PHASED_RECIPE}))
+    # A shared label smoothing is the cross-entropy phases': the SCST phase trains without it.
+    recipe.write_text(yaml.safe_dump({**shared, "label_smoothing": 0.1, **PHASED_RECIPE}))
     return recipe
 
 
@@ -250,7 +251,7 @@ def test_a_phased_recipe_runs_every_phase_and_reports_each(tmp_path):
         phase_folder = output_dir / "phases" / f"{index}-{name}"
         phase_args = json.loads((phase_folder / "training_args.json").read_text())
         assert phase_args["shapes_num_train"] == 24  # a flag given on the command line applies to every phase
-        assert phase_args["objective"] == ("xe" if index == 0 else "scst")
+        assert (phase_args["objective"], phase_args["label_smoothing"]) == (("xe", 0.1), ("scst", 0.0))[index]
     assert phase_args["init_from"] == str(output_dir / "phases" / "0-xe")
     final = load_file(output_dir / "model.safetensors")
     last_phase = load_file(output_dir / "phases" / "1-scst" / "model.safetensors")
@@ -274,6 +275,11 @@ def test_bad_scst_flags_and_phases_stop_with_one_argparse_line(tmp_path, capsys)
     unknown_key.write_text(yaml.safe_dump({"phases": [{"learning_rat": 1.0}]}))
     late_error = tmp_path / "late-error.yaml"
     late_error.write_text(yaml.safe_dump({"phases": [{"name": "xe"}, {"name": "scst", "scst_num_samples": 0}]}))
+    smoothed_phase = tmp_path / "smoothed-phase.yaml"
+    smoothed_phase.write_text(yaml.safe_dump({"phases": [{}, {"objective": "scst", "label_smoothing": 0.1}]}))
+    two_phases = tmp_path / "two-phases.yaml"
+    two_phases.write_text(yaml.safe_dump({"phases": [{}, {"objective": "scst"}]}))
+    smoothed_scst = "--label_smoothing 0.1 smooths the cross-entropy, which --objective scst does not train on"
     for bad, message in [
         (["--objective", "rl"], "argument --objective: invalid choice: 'rl'"),
         (["--scst_baseline", "zero"], "argument --scst_baseline: invalid choice: 'zero'"),
@@ -285,6 +291,9 @@ def test_bad_scst_flags_and_phases_stop_with_one_argparse_line(tmp_path, capsys)
         (["--config", str(bad_phases)], "phase 0 (xe): ['output_dir'] apply to the whole run, not to one phase"),
         (["--config", str(unknown_key)], "phase 0 (xe): unknown keys ['learning_rat']"),
         (["--config", str(late_error)], "--scst_num_samples must be a positive integer, got 0"),
+        (["--objective", "scst", "--label_smoothing", "0.1"], smoothed_scst),
+        (["--config", str(smoothed_phase)], smoothed_scst),
+        (["--config", str(two_phases), "--label_smoothing", "0.1"], smoothed_scst),  # a flag applies to every phase
     ]:
         with pytest.raises(SystemExit) as exit_info:
             train.main([*tiny_args(tmp_path / "run", "attention"), *bad])
