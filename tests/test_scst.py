@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 import train
 from imgcap_hf import checkpointing
+from imgcap_hf.evaluation import mean_caption_length
 from imgcap_hf.scoring import CaptionReward
 from imgcap_hf.scst import (
     SelfCriticalObjective,
@@ -247,6 +248,14 @@ def test_a_phased_recipe_runs_every_phase_and_reports_each(tmp_path):
     assert [phase["phase"] for phase in saved["phases"]] == ["xe", "scst"]
     assert all("test_cider" in phase and "test_bleu_4" in phase for phase in saved["phases"])
     assert saved["test_cider"] == saved["phases"][-1]["test_cider"]
+    # Each phase reports its captions' mean length; the final one over every test caption (all four are in
+    # test_samples.json), counted here as the words that hold a letter or digit.
+    assert all("test_mean_caption_length" in phase for phase in saved["phases"])
+    assert all("mean_caption_length" in entry for entry in saved["history"])  # and validation's, epoch by epoch
+    samples = json.loads((output_dir / "test_samples.json").read_text())
+    words = [word for sample in samples for word in sample["caption"].split() if any(c.isalnum() for c in word)]
+    assert len(samples) == saved["test_num_images"] == 4
+    assert saved["test_mean_caption_length"] == pytest.approx(len(words) / len(samples))
     for index, name in enumerate(["xe", "scst"]):
         phase_folder = output_dir / "phases" / f"{index}-{name}"
         phase_args = json.loads((phase_folder / "training_args.json").read_text())
@@ -264,6 +273,11 @@ def test_a_phased_recipe_runs_every_phase_and_reports_each(tmp_path):
                         "--resume_from_checkpoint", "latest"])  # fmt: skip
     assert first_phase_weights.stat().st_mtime_ns == written
     assert again["phases"] == saved["phases"]
+
+
+def test_the_mean_caption_length_counts_words_as_the_scores_do():
+    """PTB tokens without punctuation: a full stop is no word, a contraction two."""
+    assert mean_caption_length(["A dog runs .", "Two men ride bikes .", "It isn't red"]) == pytest.approx(11 / 3)
 
 
 def test_bad_scst_flags_and_phases_stop_with_one_argparse_line(tmp_path, capsys):
