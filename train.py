@@ -71,7 +71,7 @@ phase_logger = logging.getLogger("train.phases")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_attention.yaml"
 CHECKPOINTS_DIR = "checkpoints"
-TRAIN_LOG = "train_log.jsonl"  # one JSON line per optimizer step: step, epoch, loss, lr
+TRAIN_LOG = "train_log.jsonl"  # one JSON line per optimizer step: step, epoch, loss, lr (and encoder_lr)
 LOGGING_DIR = "runs"  # the trackers' (TensorBoard's) logs
 BEST_MODEL_DIR = "best_model"
 FINAL_WEIGHTS = "model.safetensors"
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="Label smoothing of the cross-entropy, in [0, 1): that share of each target word's probability is spread "
-        "evenly over the vocabulary (ignored positions stay ignored). 0: plain cross-entropy.",
+        "evenly over the vocabulary (ignored positions stay ignored). 0: plain cross-entropy (and the only value that "
+        "--objective scst takes).",
     )
     training.add_argument("--weight_decay", type=float, default=1e-4)
     training.add_argument("--num_train_epochs", type=int, default=10)
@@ -365,6 +366,11 @@ def check_flag_values(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(
             f"--torch_compile_backend {args.torch_compile_backend!r} is not a torch.compile backend "
             "(torch.compiler.list_backends() names them)"
+        )
+    if args.objective == "scst" and smoothing:
+        parser.error(
+            f"--label_smoothing {smoothing} smooths the cross-entropy, which --objective scst does not train on: "
+            "leave it at 0 (a recipe of phases may set it for its cross-entropy phases)"
         )
     check_path_flags(parser, args)
     if args.feature_cache == "on" and trains_encoder(args):
@@ -698,9 +704,9 @@ def load_features(args, accelerator: Accelerator, model, splits, image_processor
 
 def build_optimizer(args: argparse.Namespace, model: ImgCapForConditionalGeneration) -> torch.optim.AdamW:
     """AdamW over the parameters that train. Where --encoder_learning_rate differs from --learning_rate, the encoder's
-    trained parameters form a second group with their own rate, after the decoder's group (the one whose rate the
-    logs show); the schedule scales both alike. With equal rates there is one group, as in runs whose checkpoints
-    hold one."""
+    trained parameters form a second group with their own rate, after the decoder's group (the logs show both
+    rates: `lr` and `encoder_lr`); the schedule scales both alike. With equal rates there is one group, as in runs
+    whose checkpoints hold one."""
     trained = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
     if args.encoder_learning_rate == args.learning_rate:
         groups = [{"params": [parameter for _, parameter in trained]}]
@@ -1001,7 +1007,9 @@ def batch_loss(run: TrainingRun, batch: dict[str, Any]) -> tuple[torch.Tensor, d
 
 def record_step(run: TrainingRun, step_loss: float) -> None:
     """A completed optimizer step on the progress bar (or in the log), in the JSON-lines loss log and the tracker."""
-    learning_rate = run.scheduler.get_last_lr()[0]
+    # The decoder's group first, then the encoder's where its trained part has a rate of its own (build_optimizer).
+    learning_rate, *encoder_rate = run.scheduler.get_last_lr()
+    learning_rates = {"lr": learning_rate, **({"encoder_lr": encoder_rate[0]} if encoder_rate else {})}
     step, total = run.progress.completed_steps, run.args.max_train_steps
     statistics = {}  # the SCST statistics, averaged over the step's micro-batches
     if run.step_statistics:
@@ -1015,15 +1023,16 @@ def record_step(run: TrainingRun, step_loss: float) -> None:
         # A log file or a pipe gets a line now and then instead of a bar redrawn with carriage returns.
         logger.info(
             f"step {step}/{total}: loss {step_loss:.4f}, learning rate {learning_rate:.3g}"
+            + "".join(f", encoder learning rate {rate:.3g}" for rate in encoder_rate)
             + "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in statistics.items())
         )
     if run.train_log is not None:
         entry = {"step": run.progress.completed_steps, "epoch": run.progress.epoch, "loss": step_loss,
-                 "lr": learning_rate, **statistics}  # fmt: skip
+                 **learning_rates, **statistics}  # fmt: skip
         run.train_log.write(json.dumps(entry) + "\n")
         run.train_log.flush()
     if run.args.with_tracking:
-        scalars = {"train_loss": step_loss, "lr": learning_rate, **{f"train_{k}": v for k, v in statistics.items()}}
+        scalars = {"train_loss": step_loss, **learning_rates, **{f"train_{k}": v for k, v in statistics.items()}}
         run.accelerator.log(scalars, run.progress.completed_steps)
 
 
@@ -1271,7 +1280,7 @@ def phase_recipe_and_argv(
     as `--init_from`. The Hub upload waits for the whole run."""
     shared = yaml.safe_load(Path(args.config).read_text())
     shared.pop("phases")
-    recipe = {**shared, **overrides, "push_to_hub": False}
+    recipe = {**phases.phase_recipe(shared, overrides), "push_to_hub": False}
     output_dir = Path(args.output_dir)
     user_flags = [flag for flag in argv if flag != "--push_to_hub"]
     phase_argv = [*user_flags, "--output_dir", str(phases.phase_dir(output_dir, index, name)), "--config",

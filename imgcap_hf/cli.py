@@ -15,7 +15,8 @@ command before any image is read: one `error: ...` line on stderr and exit statu
 `--dataset` path that does not exist, `--num_beams 0`, `--device cuda` without a usable GPU) are refused by the
 argument parser before anything is loaded: a usage line, one `error:` line, exit status 2.
 `evaluate` prints one JSON object with `bleu_1`..`bleu_4`, `cider`, `rouge_l` (and `meteor` where Java is available),
-`num_images` and `tokenizer`, the caption tokenizer the scores were computed with (`ptb-java` or `python`).
+`num_images`, `tokenizer`, the caption tokenizer the scores were computed with (`ptb-java` or `python`), and
+`mean_caption_length`, the captions' mean number of words (PTB tokens without punctuation).
 `clear-feature-cache` empties train.py's feature cache folder (default `HF_HOME/imgcap_hf/feature_cache`, see
 `imgcap_hf/feature_cache.py`) and prints `{"feature_cache_dir": DIR, "removed": [NAME, ...]}`; the next run with a
 frozen encoder encodes its images again.

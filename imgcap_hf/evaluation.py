@@ -15,7 +15,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from .batching import ImageCaptionCollator, image_inputs
-from .scoring import compute_caption_metrics
+from .scoring import compute_caption_metrics, python_tokenize
 
 if TYPE_CHECKING:
     from .feature_cache import CachedFeatures
@@ -46,10 +46,19 @@ def generate_split_captions(
 
 def score_captions(captions: dict[int, str], split: Dataset, caption_tokenizer: str = "auto") -> dict[str, Any]:
     """coco-caption metrics of `{row: caption}` against all reference captions of those rows of `split`; the result
-    names the caption tokenizer that produced it (`"tokenizer"`)."""
+    names the caption tokenizer that produced it (`"tokenizer"`) and holds the captions' mean length in words
+    (`"mean_caption_length"`), since self-critical training is known to lengthen or shorten them."""
     rows = sorted(captions)
     references = split.select(rows)["captions"]
-    return compute_caption_metrics([captions[row] for row in rows], references, tokenizer=caption_tokenizer)
+    predictions = [captions[row] for row in rows]
+    metrics = compute_caption_metrics(predictions, references, tokenizer=caption_tokenizer)
+    return {**metrics, "mean_caption_length": mean_caption_length(predictions)}
+
+
+def mean_caption_length(captions: list[str]) -> float:
+    """The mean number of words of `captions` as coco-caption's scoring counts them: PTB tokens without punctuation
+    (our Python tokenizer, so the count does not depend on which tokenizer scored, nor start a JVM)."""
+    return sum(len(python_tokenize(caption).split()) for caption in captions) / len(captions)
 
 
 def evaluate_split(

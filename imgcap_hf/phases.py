@@ -50,6 +50,16 @@ def check_phases(phases: Any, known_flags: set[str]) -> list[tuple[str, dict[str
     return checked
 
 
+def phase_recipe(shared: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The keys of one phase: the recipe's shared keys, then the phase's overrides. A shared `label_smoothing` belongs
+    to the shared cross-entropy objective: a phase that switches to `objective: scst` trains without it (setting it in
+    that phase itself is refused, like `--label_smoothing` with `--objective scst`)."""
+    recipe = {**shared, **overrides}
+    if overrides.get("objective") == "scst" and "label_smoothing" not in overrides:
+        recipe.pop("label_smoothing", None)
+    return recipe
+
+
 def phase_dir(output_dir: Path, index: int, name: str) -> Path:
     return output_dir / PHASES_DIR / f"{index}-{name}"
 

@@ -4,9 +4,11 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Set before transformers/datasets/evaluate are imported by any test module.
@@ -112,6 +114,59 @@ def train_in_two_processes(train_args: list[str], *, java: bool = True) -> None:
         environment = without_java(environment)
     result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def train_script(*args: str, preexec_fn=None, java: bool = True) -> subprocess.Popen:
+    """`python train.py ARGS` as a separate process (stdout and stderr captured together); `java=False` scores as on
+    a machine without Java (`without_java`)."""
+    return start_python(str(REPO_ROOT / "train.py"), *args, preexec_fn=preexec_fn, java=java)
+
+
+def start_python(*args: str, preexec_fn=None, java: bool = True) -> subprocess.Popen:
+    """`python ARGS` in the repository with one thread: runs compared bit for bit must sum floats the same way."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not java:
+        environment = without_java(environment)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, preexec_fn=preexec_fn,
+    )  # fmt: skip
+
+
+# `python train.py` that stops inside the write of one checkpoint (argv[1]: its step) after its files are staged and
+# before its manifest, says so by creating the file argv[2], and waits there to be killed: the kill lands at the same
+# point every time, however fast or slow the machine is.
+PAUSE_IN_A_CHECKPOINT_WRITE = """
+import sys, time
+from pathlib import Path
+import train
+from imgcap_hf import checkpointing
+
+publish, pause_at_step, paused = checkpointing._publish, int(sys.argv[1]), Path(sys.argv[2])
+
+def publish_or_pause(staging, final, step, *args):
+    if step == pause_at_step:
+        paused.write_text(str(staging))
+        time.sleep(600)
+    publish(staging, final, step, *args)
+
+checkpointing._publish = publish_or_pause
+train.main(sys.argv[3:])
+"""
+
+
+def kill_inside_a_checkpoint_write(train_args: list[str], step: int, marker: Path, *, java: bool = True) -> str:
+    """Run `python train.py TRAIN_ARGS` (like `train_script`) and SIGKILL it in the middle of writing checkpoint-STEP:
+    its files staged in `checkpoint-STEP.tmp`, its manifest not written. `marker` is the file the paused process
+    creates; `java` as in `train_script`. Returns the process's output."""
+    run = start_python("-c", PAUSE_IN_A_CHECKPOINT_WRITE, str(step), str(marker), *train_args, java=java)
+    deadline = time.monotonic() + 300  # a bound, not a timing: the process waits for the kill
+    while not marker.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    output = run.communicate(timeout=60)[0]
+    assert marker.exists() and run.returncode == -signal.SIGKILL, output[-3000:]
+    return output
 
 
 def run_without_imgcap(script: str, tmp_path: Path) -> dict:

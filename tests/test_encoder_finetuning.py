@@ -1,6 +1,9 @@
 """Fine-tuning the last stages of the backbone (`trainable_encoder_stages`, `--encoder_learning_rate`) and label
 smoothing (`--label_smoothing`), on tiny random models."""
 
+import json
+import logging
+
 import pytest
 import torch
 from conftest import TINY_RESNET, tiny_args
@@ -155,10 +158,11 @@ def test_label_smoothing_is_the_smoothed_cross_entropy_and_zero_is_the_plain_los
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_the_encoder_gets_its_own_learning_rate_under_the_schedule_and_no_feature_cache(tmp_path, monkeypatch):
+def test_the_encoder_gets_its_own_learning_rate_under_the_schedule_and_no_feature_cache(tmp_path, monkeypatch, caplog):
     """A short run with the last stage trained: the encoder's parameter group has --encoder_learning_rate, the
-    schedule scales both groups alike, the images are encoded at every step (no cache), and the loss the model
-    computes is smoothed by --label_smoothing."""
+    schedule scales both groups alike, both rates are logged, the images are encoded at every step (no cache), and
+    the loss the model computes is smoothed by --label_smoothing."""
+    caplog.set_level(logging.INFO, logger="train")
     built, smoothing = [], []
     build_optimizer = train.build_optimizer
 
@@ -183,7 +187,7 @@ def test_the_encoder_gets_its_own_learning_rate_under_the_schedule_and_no_featur
     monkeypatch.setattr(ImgCapForConditionalGeneration, "forward", recording_forward)
     quick = ["--shapes_num_train", "16", "--max_eval_samples", "2", "--num_beams", "1", "--max_train_steps", "2",
              "--caption_tokenizer", "python", "--checkpointing_steps", "no",
-             "--lr_scheduler_type", "linear"]  # fmt: skip
+             "--lr_scheduler_type", "linear", "--logging_steps", "1"]  # fmt: skip
     fine_tuning = ["--freeze_encoder", "--trainable_encoder_stages", "1", "--label_smoothing", "0.1"]
     train.main(tiny_args(tmp_path, "attention", *fine_tuning, *quick))
 
@@ -191,6 +195,10 @@ def test_the_encoder_gets_its_own_learning_rate_under_the_schedule_and_no_featur
     decoder_group, encoder_group = optimizer.param_groups
     assert (decoder_group["initial_lr"], encoder_group["initial_lr"]) == (1e-2, 1e-3)  # a tenth by default
     assert decoder_group["lr"] / 1e-2 == pytest.approx(encoder_group["lr"] / 1e-3) and decoder_group["lr"] < 1e-2
+    # After step 1 of 2 the linear schedule stands halfway: each group's rate, in the loss log and the log lines.
+    first_step = json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])
+    assert (first_step["lr"], first_step["encoder_lr"]) == pytest.approx((5e-3, 5e-4))
+    assert "step 1/2: loss" in caplog.text and "learning rate 0.005, encoder learning rate 0.0005" in caplog.text
     saved = ImgCapForConditionalGeneration.from_pretrained(tmp_path)
     encoder_parameters = {id(p) for p in encoder_group["params"]}
     assert len(encoder_parameters) == sum(1 for _ in saved.encoder.backbone.encoder.stages[-1].parameters())

@@ -3,7 +3,7 @@ recipes of several phases. The end-to-end runs use the real CIDEr-D reward (imgc
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_captioner, tiny_args, train_in_two_processes
+from conftest import (
+    build_tiny_captioner,
+    kill_inside_a_checkpoint_write,
+    tiny_args,
+    train_in_two_processes,
+    train_script,
+)
 from safetensors.torch import load_file
 from transformers.modeling_outputs import BaseModelOutput
 
 import train
+from imgcap_hf import checkpointing
+from imgcap_hf.evaluation import mean_caption_length
 from imgcap_hf.scoring import CaptionReward
 from imgcap_hf.scst import (
     SelfCriticalObjective,
@@ -156,28 +164,42 @@ def scst_args(output_dir: Path, init_from: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_an_interrupted_scst_run_resumes_bit_exactly(cross_entropy_model, tmp_path):
-    """Sampling draws from the RNG at every step: a run resumed from its step-2 checkpoint must end bit-identical to
-    the run that never stopped, with the same per-step rewards logged."""
-    common = ["--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "10",
+def test_a_killed_scst_run_resumes_bit_exactly(cross_entropy_model, tmp_path):
+    """SIGKILL an SCST run in the middle of writing checkpoint-2 (its last step's, staged: the weights of the run
+    that never stopped), resume with `latest`: it resumes from checkpoint-1, mid-epoch, and its step 2 must draw the
+    same samples from the restored RNG, log the same rewards and end with bit-identical weights."""
+    common = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "10",
               "--logging_steps", "1"]  # fmt: skip
-    straight = tmp_path / "straight"
-    train.main(scst_args(straight, cross_entropy_model, *common))
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
-    train.main(scst_args(resumed, cross_entropy_model, *common, "--resume_from_checkpoint", "latest"))
+    output_dir = tmp_path / "run"
+    checkpoints = output_dir / "checkpoints"
+    train_args = scst_args(output_dir, cross_entropy_model, *common)
+    kill_inside_a_checkpoint_write(train_args, 2, tmp_path / "paused", java=False)
+    assert checkpointing.latest_checkpoint(checkpoints) == checkpoints / "checkpoint-1"
+    assert not (output_dir / "all_results.json").exists()
+    uninterrupted = load_file(checkpoints / "checkpoint-2.tmp" / "model.safetensors")
+    first_checkpoint_written = (checkpoints / "checkpoint-1" / "model.safetensors").stat().st_mtime_ns
+    log_before_resume = (output_dir / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log_before_resume] == [1, 2]
 
-    straight_log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
-    resumed_log = [json.loads(line) for line in (resumed / "train_log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in resumed_log] == [3, 4]
-    assert resumed_log == straight_log[2:]
-    assert {"mean_reward", "mean_baseline", "mean_sample_length", "eos_fraction"} <= straight_log[0].keys()
-    expected = load_file(straight / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    got = load_file(resumed / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in expected)
+    resumed = train_script(*train_args, "--resume_from_checkpoint", "latest", java=False)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-3000:]
+
+    # It resumed: from checkpoint-1 (left as it was), training step 2 only; the killed write was cleared away.
+    assert f"Resumed from {checkpoints / 'checkpoint-1'} at step 1" in output
+    assert re.findall(r"step (\d+)/2: loss", output) == ["2"]
+    assert (checkpoints / "checkpoint-1" / "model.safetensors").stat().st_mtime_ns == first_checkpoint_written
+    assert not (checkpoints / "checkpoint-2.tmp").exists()
+    # Step 1's log line is kept, step 2's is the one the killed run logged before its kill, to the last digit.
+    resumed_log = (output_dir / "train_log.jsonl").read_text().splitlines()
+    assert resumed_log == log_before_resume
+    assert {"mean_reward", "mean_baseline", "mean_sample_length", "eos_fraction"} <= json.loads(resumed_log[0]).keys()
+    for weights in (checkpoints / "checkpoint-2" / "model.safetensors", output_dir / "model.safetensors"):
+        got = load_file(weights)
+        assert uninterrupted.keys() == got.keys(), weights
+        assert all(torch.equal(uninterrupted[key], got[key]) for key in got), weights
     # The SCST model keeps the cross-entropy model's vocabulary (its tokenizer came with --init_from).
-    assert (resumed / "vocab.json").read_bytes() == (cross_entropy_model / "vocab.json").read_bytes()
+    assert (output_dir / "vocab.json").read_bytes() == (cross_entropy_model / "vocab.json").read_bytes()
 
 
 @pytest.mark.slow
@@ -205,7 +227,8 @@ def write_phased_recipe(folder: Path) -> Path:
     shared = {flags[i].removeprefix("--"): yaml.safe_load(flags[i + 1]) for i in range(0, len(flags), 2)}
     shared.pop("output_dir")
     recipe = folder / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**shared, **PHASED_RECIPE}))
+    # A shared label smoothing is the cross-entropy phases': the SCST phase trains without it.
+    recipe.write_text(yaml.safe_dump({**shared, "label_smoothing": 0.1, **PHASED_RECIPE}))
     return recipe
 
 
@@ -225,11 +248,19 @@ def test_a_phased_recipe_runs_every_phase_and_reports_each(tmp_path):
     assert [phase["phase"] for phase in saved["phases"]] == ["xe", "scst"]
     assert all("test_cider" in phase and "test_bleu_4" in phase for phase in saved["phases"])
     assert saved["test_cider"] == saved["phases"][-1]["test_cider"]
+    # Each phase reports its captions' mean length; the final one over every test caption (all four are in
+    # test_samples.json), counted here as the words that hold a letter or digit.
+    assert all("test_mean_caption_length" in phase for phase in saved["phases"])
+    assert all("mean_caption_length" in entry for entry in saved["history"])  # and validation's, epoch by epoch
+    samples = json.loads((output_dir / "test_samples.json").read_text())
+    words = [word for sample in samples for word in sample["caption"].split() if any(c.isalnum() for c in word)]
+    assert len(samples) == saved["test_num_images"] == 4
+    assert saved["test_mean_caption_length"] == pytest.approx(len(words) / len(samples))
     for index, name in enumerate(["xe", "scst"]):
         phase_folder = output_dir / "phases" / f"{index}-{name}"
         phase_args = json.loads((phase_folder / "training_args.json").read_text())
         assert phase_args["shapes_num_train"] == 24  # a flag given on the command line applies to every phase
-        assert phase_args["objective"] == ("xe" if index == 0 else "scst")
+        assert (phase_args["objective"], phase_args["label_smoothing"]) == (("xe", 0.1), ("scst", 0.0))[index]
     assert phase_args["init_from"] == str(output_dir / "phases" / "0-xe")
     final = load_file(output_dir / "model.safetensors")
     last_phase = load_file(output_dir / "phases" / "1-scst" / "model.safetensors")
@@ -244,6 +275,11 @@ def test_a_phased_recipe_runs_every_phase_and_reports_each(tmp_path):
     assert again["phases"] == saved["phases"]
 
 
+def test_the_mean_caption_length_counts_words_as_the_scores_do():
+    """PTB tokens without punctuation: a full stop is no word, a contraction two."""
+    assert mean_caption_length(["A dog runs .", "Two men ride bikes .", "It isn't red"]) == pytest.approx(11 / 3)
+
+
 def test_bad_scst_flags_and_phases_stop_with_one_argparse_line(tmp_path, capsys):
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
@@ -253,6 +289,11 @@ def test_bad_scst_flags_and_phases_stop_with_one_argparse_line(tmp_path, capsys)
     unknown_key.write_text(yaml.safe_dump({"phases": [{"learning_rat": 1.0}]}))
     late_error = tmp_path / "late-error.yaml"
     late_error.write_text(yaml.safe_dump({"phases": [{"name": "xe"}, {"name": "scst", "scst_num_samples": 0}]}))
+    smoothed_phase = tmp_path / "smoothed-phase.yaml"
+    smoothed_phase.write_text(yaml.safe_dump({"phases": [{}, {"objective": "scst", "label_smoothing": 0.1}]}))
+    two_phases = tmp_path / "two-phases.yaml"
+    two_phases.write_text(yaml.safe_dump({"phases": [{}, {"objective": "scst"}]}))
+    smoothed_scst = "--label_smoothing 0.1 smooths the cross-entropy, which --objective scst does not train on"
     for bad, message in [
         (["--objective", "rl"], "argument --objective: invalid choice: 'rl'"),
         (["--scst_baseline", "zero"], "argument --scst_baseline: invalid choice: 'zero'"),
@@ -264,6 +305,9 @@ def test_bad_scst_flags_and_phases_stop_with_one_argparse_line(tmp_path, capsys)
         (["--config", str(bad_phases)], "phase 0 (xe): ['output_dir'] apply to the whole run, not to one phase"),
         (["--config", str(unknown_key)], "phase 0 (xe): unknown keys ['learning_rat']"),
         (["--config", str(late_error)], "--scst_num_samples must be a positive integer, got 0"),
+        (["--objective", "scst", "--label_smoothing", "0.1"], smoothed_scst),
+        (["--config", str(smoothed_phase)], smoothed_scst),
+        (["--config", str(two_phases), "--label_smoothing", "0.1"], smoothed_scst),  # a flag applies to every phase
     ]:
         with pytest.raises(SystemExit) as exit_info:
             train.main([*tiny_args(tmp_path / "run", "attention"), *bad])

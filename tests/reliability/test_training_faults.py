@@ -12,15 +12,12 @@ import re
 import resource
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import tiny_args, without_java
+from conftest import kill_inside_a_checkpoint_write, tiny_args, train_script
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
@@ -28,19 +25,8 @@ import train
 from imgcap_hf import checkpointing
 from imgcap_hf.checkpointing import CheckpointError, PreflightError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # Dropout and teacher forcing < 1 make every step draw random numbers: resuming must restore the RNG exactly.
 RANDOM_STEPS = ["--teacher_forcing_ratio", "0.8", "--dropout", "0.3"]
-
-
-def train_script(*args: str, preexec_fn=None) -> subprocess.Popen:
-    """`python train.py ARGS` as a separate process (stdout and stderr captured together), scoring as on a machine
-    without Java (no test here checks a Java-tokenized score or METEOR)."""
-    environment = without_java({**os.environ, "OMP_NUM_THREADS": "1"})
-    return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT, env=environment,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn,
-    )  # fmt: skip
 
 
 def tiny_training_state(seed: int = 0):
@@ -199,7 +185,7 @@ def test_a_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path):
     hostile.mkdir()
     for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
         (hostile / name).write_bytes(pickle.dumps(_Exploit(marker)))
-    run = train_script(*tiny_args(tmp_path / "run"), "--resume_from_checkpoint", str(hostile))
+    run = train_script(*tiny_args(tmp_path / "run"), "--resume_from_checkpoint", str(hostile), java=False)
     output = run.communicate(timeout=300)[0]
     assert run.returncode == 2, output[-3000:]
     assert f"{hostile} holds pickle files (custom_checkpoint_0.pkl, optimizer.bin" in output
@@ -236,28 +222,6 @@ def test_a_checkpoint_of_another_model_is_refused_clearly(tmp_path):
 # ====================================================================================================================
 
 
-# `python train.py` that stops inside the write of one checkpoint (argv[1]: its step) after its files are staged and
-# before its manifest, says so by creating the file argv[2], and waits there to be killed: the kill lands at the same
-# point every time, however fast or slow the machine is.
-PAUSE_IN_A_CHECKPOINT_WRITE = """
-import sys, time
-from pathlib import Path
-import train
-from imgcap_hf import checkpointing
-
-publish, pause_at_step, paused = checkpointing._publish, int(sys.argv[1]), Path(sys.argv[2])
-
-def publish_or_pause(staging, final, step, *args):
-    if step == pause_at_step:
-        paused.write_text(str(staging))
-        time.sleep(600)
-    publish(staging, final, step, *args)
-
-checkpointing._publish = publish_or_pause
-train.main(sys.argv[3:])
-"""
-
-
 @pytest.mark.slow
 def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
     """SIGKILL a real training process in the middle of writing checkpoint-4, resume with `latest`: it resumes from
@@ -265,19 +229,8 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     final weights, results and per-step loss log equal those of a run that was never interrupted, bit for bit."""
     common = ["--max_train_steps", "10", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
               "--logging_steps", "1", *RANDOM_STEPS]  # fmt: skip
-    killed, paused = tmp_path / "killed", tmp_path / "paused"
-    environment = without_java({**os.environ, "OMP_NUM_THREADS": "1"})  # as train_script's
-    pausing_script = [sys.executable, "-c", PAUSE_IN_A_CHECKPOINT_WRITE, "4", str(paused)]
-    run = subprocess.Popen(
-        [*pausing_script, *tiny_args(killed, "attention", *common)], cwd=REPO_ROOT, env=environment,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 300  # a bound, not a timing: the process waits for the kill
-    while not paused.exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    run.send_signal(signal.SIGKILL)
-    output = run.communicate(timeout=60)[0]
-    assert paused.exists() and run.returncode == -signal.SIGKILL, output[-3000:]
+    killed = tmp_path / "killed"
+    kill_inside_a_checkpoint_write(tiny_args(killed, "attention", *common), 4, tmp_path / "paused", java=False)
     assert (killed / "checkpoints" / "checkpoint-4.tmp").is_dir()  # the write the kill interrupted
     assert not (killed / "all_results.json").exists()
     assert checkpointing.latest_checkpoint(killed / "checkpoints") == killed / "checkpoints" / "checkpoint-3"
@@ -289,7 +242,7 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path)
     outputs = []
     for args in (tiny_args(killed, "attention", *common, "--resume_from_checkpoint", "latest"),
                  tiny_args(straight, "attention", *common)):  # fmt: skip
-        run = train_script(*args)
+        run = train_script(*args, java=False)
         outputs.append(run.communicate(timeout=600)[0])
         assert run.returncode == 0, outputs[-1][-3000:]
 
@@ -367,7 +320,7 @@ def test_a_failed_checkpoint_write_stops_training_and_keeps_the_previous_checkpo
     run = train_script(
         *tiny_args(output, "attention", "--max_train_steps", "4", "--checkpointing_steps", "2",
                    "--resume_from_checkpoint", "latest"),
-        preexec_fn=_limit_file_size_to_100_kb,
+        preexec_fn=_limit_file_size_to_100_kb, java=False,
     )  # fmt: skip
     log = run.communicate(timeout=300)[0]
     assert run.returncode == 2, log[-3000:]
