@@ -100,6 +100,13 @@ def without_java(environment: dict[str, str]) -> dict[str, str]:
     return {**environment, "PATH": ""}
 
 
+def one_thread_environment(java: bool = True) -> dict[str, str]:
+    """This process's environment for a subprocess with one torch thread (runs compared bit for bit must sum floats
+    the same way); `java=False` scores as on a machine without Java (`without_java`)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return environment if java else without_java(environment)
+
+
 def train_in_two_processes(train_args: list[str], *, java: bool = True) -> None:
     """`accelerate launch --multi_gpu --num_processes 2 train.py ARGS`: torchrun starts two processes, and train.py
     picks DDP over gloo on a machine without GPUs (accelerate's `--cpu` launcher would start a single process).
@@ -109,10 +116,9 @@ def train_in_two_processes(train_args: list[str], *, java: bool = True) -> None:
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py"),
         *train_args,
     ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not java:
-        environment = without_java(environment)
-    result = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=one_thread_environment(java), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -123,13 +129,10 @@ def train_script(*args: str, preexec_fn=None, java: bool = True) -> subprocess.P
 
 
 def start_python(*args: str, preexec_fn=None, java: bool = True) -> subprocess.Popen:
-    """`python ARGS` in the repository with one thread: runs compared bit for bit must sum floats the same way."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not java:
-        environment = without_java(environment)
+    """`python ARGS` in the repository with one thread (`one_thread_environment`)."""
     return subprocess.Popen(
-        [sys.executable, *args], cwd=REPO_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, preexec_fn=preexec_fn,
+        [sys.executable, *args], cwd=REPO_ROOT, env=one_thread_environment(java), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn,
     )  # fmt: skip
 
 
