@@ -602,6 +602,12 @@ def format_table(rows: list[Row], judge_speed: bool = True) -> str:
     return "\n".join(lines)
 
 
+def load_average_line() -> str:
+    """The 1, 5 and 15 minute load averages, "nan" each where the system has none (Windows)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
+
+
 def machine_line() -> str:
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):

@@ -15,7 +15,6 @@ eager model (same weights) batch by batch for the steady-state step time: forwar
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -25,18 +24,13 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_imgcap import FULL, QUICK, build_config, machine_line  # noqa: E402
+from benchmark_imgcap import FULL, QUICK, build_config, load_average_line, machine_line  # noqa: E402
 
 from imgcap_hf import ImgCapForConditionalGeneration  # noqa: E402
 from imgcap_hf.compilation import CompileCounter  # noqa: E402
 
 CAPTIONS_PER_IMAGE = 5
 CAPTION_LENGTHS = [14, 22, 18, 25, 12, 20, 16, 23, 19, 15]  # each batch's padded length, in turn
-
-
-def load_line() -> str:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
 
 
 def build_batches(config, num_batches: int, num_images: int) -> list[dict]:
@@ -76,7 +70,7 @@ def main() -> None:
     torch.set_flush_denormal(True)  # as train.py does
     sizes = QUICK if args.quick else FULL
     print(f"Machine: {machine_line()}")
-    print(f"Load average (1, 5, 15 min) at the start: {load_line()}")
+    print(f"Load average (1, 5, 15 min) at the start: {load_average_line()}")
 
     config = build_config(sizes)
     config.decoder_type, config.dropout = args.decoder_type, 0.5
@@ -105,7 +99,7 @@ def main() -> None:
     print(f"  eager:    {eager_median:8.3f} s")
     print(f"  compiled: {compiled_median:8.3f} s  ({eager_median / compiled_median:.2f}x eager's speed)")
     print(f"First epoch's compiled steps against eager steady state: {sum(first_epoch) - sum(eager_times):+.1f} s")
-    print(f"Load average (1, 5, 15 min) at the end: {load_line()}")
+    print(f"Load average (1, 5, 15 min) at the end: {load_average_line()}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ reward's share of the SCST step.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_imgcap import FULL, build_config, machine_line, random_labels  # noqa: E402
+from benchmark_imgcap import FULL, build_config, load_average_line, machine_line, random_labels  # noqa: E402
 
 from imgcap_hf import ImgCapForConditionalGeneration  # noqa: E402
 from imgcap_hf.scoring.cider_reward import CaptionReward  # noqa: E402
@@ -109,8 +108,7 @@ def main() -> None:
 
     xe, scst, reward_seconds = (statistics.median(timings[name]) for name in ("xe", "scst", "reward"))
     print(f"Machine: {machine_line()}")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
-    print(f"Load average (1, 5, 15 min): {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}")
+    print(f"Load average (1, 5, 15 min): {load_average_line()}")
     mean_length = statistics.mean(lengths)
     print(
         f"Batch: {NUM_IMAGES} images x {CAPTIONS_PER_IMAGE} captions (XE: references of {FULL.caption_length} words; "
